@@ -1,0 +1,211 @@
+"""Saving and loading adapters in the HuggingFace PEFT format.
+
+This is the one place where deltatune's module structure is mapped to PEFT's key names. A folder holds
+``adapter_config.json`` and ``adapter_model.safetensors``; tensor keys are the module path (with the
+adapter name left out) plus a suffix per tensor, e.g.::
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight      (r, in)
+    base_model.model.model.embed_tokens.lora_embedding_A               (r, num_embeddings)
+    base_model.model.score.weight                                     (a modules_to_save copy)
+    base_model.model.transformer.h.0.attn.c_attn.base_layer.bias       (bias="all"/"lora_only")
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .injection import adapter_layers, iter_modules, saved_module_wrappers
+from .modules_to_save import ModulesToSaveWrapper
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+#: HF key suffix of each adapter tensor role, per layer ``checkpoint_kind``.
+HF_SUFFIXES = {
+    "lora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+    "lora_embedding": {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"},
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded (corrupt file, wrong shapes, unknown keys)."""
+
+
+# --------------------------------------------------------------------------- atomic file writes
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    _atomic(path, write)
+
+
+def _atomic(path: str, write) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- state dicts
+def adapter_tensors(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
+    """The live tensors of one adapter under their HF keys (relative to ``model``).
+
+    Covers the adapter layers' declared tensors, modules_to_save copies (parameters and buffers) and,
+    per ``bias``, base biases.
+    """
+    out: dict[str, Tensor] = {}
+    for name, layer in adapter_layers(model):
+        if adapter_name in layer.adapters:
+            suffixes = HF_SUFFIXES[layer.checkpoint_kind]
+            for role, tensor in layer.adapter_params(adapter_name).items():
+                out[f"{name}.{suffixes[role]}"] = tensor
+            if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                out[f"{name}.base_layer.bias"] = layer.base_layer.bias
+    for name, wrapper in saved_module_wrappers(model):
+        if adapter_name in wrapper.modules_to_save:
+            for key, tensor in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                out[f"{name}.{key}"] = tensor
+    if bias == "all":
+        out.update(_all_biases(model))
+    return out
+
+
+def _all_biases(model: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+    """Every module's own ``bias`` parameter (modules_to_save wrappers are saved as wholes)."""
+    out = {}
+    for name, child in model.named_children():
+        full = f"{prefix}{name}"
+        if isinstance(child, ModulesToSaveWrapper):
+            continue
+        if isinstance(getattr(child, "bias", None), nn.Parameter) and "bias" in child._parameters:
+            out[f"{full}.bias"] = child.bias
+        out.update(_all_biases(child, full + "."))
+    return out
+
+
+def state_dict_for_save(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
+    """Detached, contiguous CPU copies of :func:`adapter_tensors` (what goes into the file)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_tensors(model, adapter_name, bias).items()}
+
+
+def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str, bias: str = "none") -> list[str]:
+    """Copy checkpoint tensors into adapter ``adapter_name`` of ``model``; all-or-nothing.
+
+    Every key is resolved and every shape checked before the first tensor is copied, so a bad
+    checkpoint raises :class:`CheckpointError` and leaves the model unchanged. Keys naming other model
+    parameters (e.g. a base embedding peft saved with ``save_embedding_layers``) are loaded as well.
+
+    Returns:
+        The adapter keys the checkpoint did not provide (missing keys).
+    """
+    wanted = adapter_tensors(model, adapter_name, bias)
+    others = dict(model.named_parameters())
+    plan = []
+    for key, tensor in state_dict.items():
+        target = wanted.get(key, others.get(key))
+        if target is None:
+            close = [k for k in wanted if k.rsplit(".", 2)[0] == key.rsplit(".", 2)[0]][:3]
+            hint = f"; keys near it in the model: {close}" if close else ""
+            raise CheckpointError(
+                f"checkpoint key {key!r} matches nothing in the model (is this adapter for another "
+                f"base model?){hint}"
+            )
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"checkpoint key {key!r} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(target.shape)}; the model was left unchanged"
+            )
+        plan.append((target, tensor))
+    with torch.no_grad():
+        for target, tensor in plan:
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+    return [k for k in wanted if k not in state_dict]
+
+
+# --------------------------------------------------------------------------- files
+def save_adapter_folder(directory: str, tensors: dict[str, Tensor], config) -> None:
+    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` into ``directory``, each atomically."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    _atomic(os.path.join(directory, SAFETENSORS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    config.save_pretrained(directory)
+
+
+def read_adapter_weights(directory: str, allow_pickle: bool = True) -> dict[str, Tensor]:
+    """Read the weights of an adapter folder: safetensors, else a ``.bin`` via ``weights_only`` loading."""
+    st_path = os.path.join(directory, SAFETENSORS_NAME)
+    if os.path.isfile(st_path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(st_path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{st_path} is truncated or corrupt and cannot be read: {exc}") from None
+    bin_path = os.path.join(directory, PICKLE_NAME)
+    if os.path.isfile(bin_path) and allow_pickle:
+        try:
+            # weights_only refuses arbitrary pickled objects: untrusted files cannot run code.
+            data = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{bin_path} could not be loaded safely (weights_only=True): {exc}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{bin_path} does not hold a state dict")
+        return data
+    raise FileNotFoundError(f"no {SAFETENSORS_NAME} (or {PICKLE_NAME}) in {directory}")
+
+
+def resolve_adapter_dir(path_or_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None,
+                        **hub_kwargs) -> str:
+    """A local folder holding the adapter: ``path_or_id`` itself, or a Hub snapshot of it."""
+    local = os.path.join(path_or_id, subfolder) if subfolder else str(path_or_id)
+    if os.path.isdir(local):
+        return local
+    if os.path.exists(path_or_id) or str(path_or_id).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"adapter folder {local!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        root = snapshot_download(
+            str(path_or_id), revision=revision,
+            allow_patterns=[f"{subfolder + '/' if subfolder else ''}adapter_*"], **hub_kwargs,
+        )
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"{path_or_id!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    folder = os.path.join(root, subfolder) if subfolder else root
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path_or_id!r} on the Hub has no folder {subfolder!r}")
+    return folder
+
+
+def warn_missing(missing: list[str], adapter_name: str) -> None:
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        warnings.warn(f"adapter {adapter_name!r}: {len(missing)} tensors were not in the checkpoint and keep "
+                      f"their initial values: {shown}", stacklevel=3)
+
+
+__all__ = [
+    "CheckpointError", "adapter_tensors", "state_dict_for_save", "load_into", "save_adapter_folder",
+    "read_adapter_weights", "resolve_adapter_dir", "atomic_write_bytes", "iter_modules",
+]

@@ -1,0 +1,146 @@
+"""Generic wrapping and unwrapping of child modules, and freezing. No method-specific logic here.
+
+Injection is all-or-nothing: every target is resolved and every wrapper and adapter is built before the
+first module of the model is replaced, so an error (unsupported layer type, no match) leaves the
+model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+from torch import nn
+
+from .modules_to_save import ModulesToSaveWrapper
+from .registry import Method, adapter_layer_types
+from .targeting import TargetError, is_target, matches, no_match_message
+
+
+def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` under the *original* names: the inside of adapter layers and
+    modules_to_save wrappers is not entered (a wrapped layer is reported under its own name)."""
+    stop = adapter_layer_types() + (ModulesToSaveWrapper,)
+    for name, child in model.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        yield full, child
+        if not isinstance(child, stop):
+            yield from iter_modules(child, full)
+
+
+def adapter_layers(model: nn.Module, layer_cls: type | tuple = ()) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every adapter layer (of ``layer_cls``, default: any method)."""
+    kinds = layer_cls or adapter_layer_types()
+    return ((n, m) for n, m in iter_modules(model) if isinstance(m, kinds))
+
+
+def saved_module_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+    return ((n, m) for n, m in iter_modules(model) if isinstance(m, ModulesToSaveWrapper))
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the model's output projection (excluded from ``"all-linear"``)."""
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, module in iter_modules(model):
+        if module is head or (isinstance(module, ModulesToSaveWrapper) and module.original_module is head):
+            heads.add(name)
+    if head is None and any(n == "lm_head" for n, _ in model.named_children()):
+        heads.add("lm_head")
+    return heads
+
+
+def find_targets(model: nn.Module, config, method: Method) -> list[str]:
+    """Names of the modules ``config`` adapts; a :class:`TargetError` listing close names if none."""
+    if config.target_modules is None:
+        raise TargetError("target_modules is not set: name the modules to adapt (or use 'all-linear')")
+    heads = output_head_names(model)
+    modules = list(iter_modules(model))
+    names = [
+        n for n, m in modules
+        if not isinstance(m, ModulesToSaveWrapper)
+        and is_target(n, m, config, is_linear=method.is_linear, output_heads=heads)
+    ]
+    if not names:
+        raise TargetError(no_match_message(config.target_modules, [n for n, _ in modules]))
+    return names
+
+
+def inject(model: nn.Module, config, adapter_name: str, method: Method,
+           autocast_adapter_dtype: bool = True) -> list[str]:
+    """Add adapter ``adapter_name`` to every module ``config`` targets; return their names."""
+    names = find_targets(model, config, method)
+    layers = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, method.layer_cls):
+            layers[name] = module
+            continue
+        try:
+            layers[name] = method.wrap(module)
+        except TypeError as exc:
+            raise TypeError(f"cannot adapt module {name!r}: {exc}") from None
+    for name, layer in layers.items():
+        if adapter_name in layer.adapters:
+            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
+    done = []
+    try:
+        for name, layer in layers.items():
+            method.add_adapter(layer, name, adapter_name, config, autocast_adapter_dtype)
+            done.append(layer)
+    except Exception:
+        for layer in done:
+            layer.delete_adapter(adapter_name)
+        raise
+    for name, layer in layers.items():
+        if layer is not model.get_submodule(name):
+            set_submodule(model, name, layer)
+    return names
+
+
+def add_modules_to_save(model: nn.Module, entries: Sequence[str] | None, adapter_name: str) -> list[str]:
+    """Give adapter ``adapter_name`` a trainable copy of each module matching ``entries``."""
+    if not entries:
+        return []
+    names = [n for n, m in iter_modules(model) if matches(n, list(entries))]
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSaveWrapper):
+            module = ModulesToSaveWrapper(module)
+            set_submodule(model, name, module)
+        module.add_adapter(adapter_name)
+    return names
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove one adapter everywhere; layers left without adapters go back to their base module."""
+    for name, layer in list(adapter_layers(model)):
+        if adapter_name in layer.adapters:
+            layer.delete_adapter(adapter_name)
+            if not layer.adapters:
+                set_submodule(model, name, layer.base_layer)
+    for name, wrapper in list(saved_module_wrappers(model)):
+        wrapper.delete_adapter(adapter_name)
+        if not wrapper.modules_to_save:
+            set_submodule(model, name, wrapper.original_module)
+
+
+def unwrap(model: nn.Module, keep_saved_copies: bool = False) -> nn.Module:
+    """Replace every adapter layer by its base layer and every modules_to_save wrapper by the
+    module that currently runs (``keep_saved_copies``) or by the original."""
+    for name, layer in list(adapter_layers(model)):
+        set_submodule(model, name, layer.base_layer)
+    for name, wrapper in list(saved_module_wrappers(model)):
+        set_submodule(model, name, wrapper.current() if keep_saved_copies else wrapper.original_module)
+    return model
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)

@@ -1,0 +1,79 @@
+"""Function-style entry points: ``get_peft_model``, ``inject_adapter_in_model`` and the state-dict helpers."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt
+from . import injection
+from .config import PeftConfig
+from .model import PeftModel, task_model_class
+from .registry import get_method
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True) -> PeftModel:
+    """Wrap ``model`` with a first adapter; the wrapper class follows ``peft_config.task_type``.
+
+    Example:
+        >>> model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        >>> model.print_trainable_parameters()
+    """
+    cls = task_model_class(peft_config.task_type)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
+                            autocast_adapter_dtype: bool = True) -> nn.Module:
+    """Inject adapter layers into ``model`` in place, without a PeftModel wrapper; returns ``model``.
+
+    The base is frozen and the new adapter (and its modules_to_save) is active and trainable.
+    """
+    injection.inject(model, peft_config, adapter_name, get_method(peft_config.peft_type),
+                     autocast_adapter_dtype)
+    injection.add_modules_to_save(model, peft_config.modules_to_save, adapter_name)
+    injection.freeze(model)
+    for _, module in list(injection.adapter_layers(model)) + list(injection.saved_module_wrappers(model)):
+        module.set_active([adapter_name])
+    if not peft_config.inference_mode:
+        bias = getattr(peft_config, "bias", "none")
+        for tensor in ckpt.adapter_tensors(model, adapter_name, bias).values():
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(True)
+    return model
+
+
+def _bias(model: nn.Module, adapter_name: str, config: Optional[PeftConfig]) -> str:
+    if config is None and isinstance(model, PeftModel):
+        config = model.peft_config[adapter_name]
+    return getattr(config, "bias", "none")
+
+
+def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = None, adapter_name: str = "default",
+                              config: Optional[PeftConfig] = None) -> dict[str, Tensor]:
+    """One adapter's tensors under peft's key names (``base_model.model.`` prefix for a PeftModel).
+
+    Args:
+        model: A :class:`PeftModel` or a model adapted with :func:`inject_adapter_in_model`.
+        state_dict: If given, values are taken from it (by ``model.state_dict()`` names) instead of the
+            live parameters.
+        adapter_name: Which adapter.
+        config: The adapter's config, needed for ``bias`` with a bare model.
+    """
+    live = ckpt.adapter_tensors(model, adapter_name, _bias(model, adapter_name, config))
+    if state_dict is None:
+        return {k: v.detach() for k, v in live.items()}
+    internal = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    return {k: state_dict[internal[id(v)]] for k, v in live.items() if internal.get(id(v)) in state_dict}
+
+
+def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, Tensor],
+                              adapter_name: str = "default", config: Optional[PeftConfig] = None) -> list[str]:
+    """Load peft-format tensors into adapter ``adapter_name``; all-or-nothing. Returns missing keys."""
+    weights = dict(peft_model_state_dict)
+    if isinstance(model, PeftModel):
+        prefix = "base_model.model."
+        weights = {k if k.startswith(prefix) else prefix + k: v for k, v in weights.items()}
+    return ckpt.load_into(model, weights, adapter_name, _bias(model, adapter_name, config))

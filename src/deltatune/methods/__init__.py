@@ -1,0 +1,3 @@
+"""Adapter methods; importing this package registers each of them."""
+
+from . import lora  # noqa: F401

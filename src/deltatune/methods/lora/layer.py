@@ -1,0 +1,293 @@
+"""LoRA adapter layers: each wraps a frozen ``base_layer`` and adds ``s * B A x`` per active adapter.
+
+One layer holds any number of named adapters in ``self.adapters`` (an ``nn.ModuleDict`` of
+:class:`LoraAdapter`). Which of them run is decided by :meth:`LoraLayer.set_active`,
+:meth:`LoraLayer.set_disabled` and merging; the list of adapters to run is recomputed only when one of
+those changes, so ``forward`` does no bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as LF
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class LoraAdapter(nn.Module):
+    """One adapter's state in one layer: ``lora_A``, ``lora_B``, its scaling and dropout.
+
+    Attributes:
+        lora_A: ``(r, in, *kernel)`` (embeddings: ``(r, num_embeddings)``).
+        lora_B: ``(out, r, *ones)`` (embeddings: ``(dim, r)``).
+    """
+
+    def __init__(self, a_shape: Sequence[int], b_shape: Sequence[int], scaling: float, dropout: float,
+                 device=None, dtype=None):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=device, dtype=dtype))
+        self.r = a_shape[0]
+        self.scaling = float(scaling)
+        self.dropout = float(dropout)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+
+
+def adapter_dtype(weight: Tensor, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """Adapters on half-precision (or quantized, non-float) bases are kept in float32."""
+    if not weight.is_floating_point():
+        return torch.float32
+    if autocast_adapter_dtype and weight.dtype in _HALF:
+        return torch.float32
+    return weight.dtype
+
+
+class LoraLayer(nn.Module):
+    """Base class of the LoRA wrappers (Linear/Conv1D, Embedding, ConvNd).
+
+    Subclasses define the adapter shapes, its initialisation, the forward delta and the delta weight;
+    everything about adapter bookkeeping and merging lives here, once.
+    """
+
+    #: Tells checkpoint.py which HF key names this layer's adapter tensors use.
+    checkpoint_kind = "lora"
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self._run: list[LoraAdapter] = []
+
+    # ------------------------------------------------------------------ subclass interface
+    def _shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _init_adapter(self, adapter: LoraAdapter, mode) -> None:
+        """Linear/conv init: A Kaiming-uniform (as nn.Linear) or N(0, 1/r); B zero unless ``mode`` is False."""
+        with torch.no_grad():
+            if mode == "gaussian":
+                nn.init.normal_(adapter.lora_A, std=1.0 / adapter.r)
+            else:
+                nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
+            if mode is False:
+                nn.init.kaiming_uniform_(adapter.lora_B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(adapter.lora_B)
+
+    def delta_weight(self, name: str) -> Tensor:
+        """The adapter's update in the base weight's layout (float32 or wider)."""
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (so code reading ``layer.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    # ------------------------------------------------------------------ adapter bookkeeping
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0, init=True,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Create adapter ``name`` on the base weight's device (and dtype; float32 for half bases)."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        weight = self.base_layer.weight
+        a_shape, b_shape = self._shapes(r)
+        adapter = LoraAdapter(a_shape, b_shape, scaling, dropout, device=weight.device,
+                              dtype=adapter_dtype(weight, autocast_adapter_dtype))
+        self._init_adapter(adapter, init)
+        self.adapters[name] = adapter
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
+        del self.adapters[name]
+        self.set_active([n for n in self.active if n != name])
+
+    def set_active(self, names: Sequence[str]) -> None:
+        """Run the named adapters (those this layer has; others are ignored), summing their deltas."""
+        self.active = [n for n in names if n in self.adapters]
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._run = [] if self.disabled else [
+            self.adapters[n] for n in self.active if n not in self.merged
+        ]
+
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        """The tensors that make up adapter ``name`` in this layer, by role (``lora_A``, ``lora_B``)."""
+        ad = self.adapters[name]
+        return {"lora_A": ad.lora_A, "lora_B": ad.lora_B}
+
+    # ------------------------------------------------------------------ merging
+    def merge(self, names: Optional[Sequence[str]] = None, safe: bool = False) -> None:
+        """Add the adapters' deltas into the base weight (default: the active adapters).
+
+        Merging computes in float32 and casts once; with ``safe=True`` a non-finite result raises
+        before anything is written.
+        """
+        weight = self.base_layer.weight
+        for name in self.active if names is None else names:
+            if name in self.merged or name not in self.adapters:
+                continue
+            new = LF.add_delta(weight, self.delta_weight(name), safe=safe, name=self._label())
+            with torch.no_grad():
+                weight.copy_(new)
+            self.merged.append(name)
+        self._refresh()
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter again, last merged first."""
+        weight = self.base_layer.weight
+        while self.merged:
+            name = self.merged.pop()
+            with torch.no_grad():
+                weight.copy_(LF.add_delta(weight, self.delta_weight(name), sign=-1.0))
+        self._refresh()
+
+    def _label(self) -> str:
+        return type(self.base_layer).__name__
+
+    def _cast_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        # Under autocast the matmuls pick their own dtype; otherwise match the adapter's.
+        if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+            return x
+        return x.to(dtype)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` or transformers' ``Conv1D`` (``fan_in_fan_out``: weight stored ``(in, out)``).
+
+    ``y = base(x) + sum_a s_a * B_a A_a drop(x)``, ``x: (..., in)`` -> ``y: (..., out)``.
+    """
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        out_f, in_f = base_layer.weight.shape
+        self.in_features, self.out_features = (out_f, in_f) if fan_in_fan_out else (in_f, out_f)
+
+    def _shapes(self, r):
+        return (r, self.in_features), (self.out_features, r)
+
+    def delta_weight(self, name):
+        ad = self.adapters[name]
+        return LF.linear_delta_weight(ad.lora_A.float(), ad.lora_B.float(), ad.scaling, self.fan_in_fan_out)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        for ad in self._run:
+            xa = self._cast_input(x, ad.lora_A.dtype)
+            delta = LF.linear_delta(xa, ad.lora_A, ad.lora_B, ad.scaling, ad.dropout, self.training)
+            out = out + delta.to(out.dtype)
+        return out
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ``y = E[ids] + s * (A^T[ids]) B^T``; ``ids: (...)`` -> ``(..., dim)``."""
+
+    checkpoint_kind = "lora_embedding"
+
+    def _shapes(self, r):
+        num, dim = self.base_layer.weight.shape
+        return (r, num), (dim, r)
+
+    def _init_adapter(self, adapter, mode):
+        # Rows are looked up from A, so A = 0 / B ~ N(0, 1) keeps the identity at init while the
+        # gradient reaches A through a non-zero B.
+        with torch.no_grad():
+            if mode is False:
+                nn.init.normal_(adapter.lora_A)
+            else:
+                nn.init.zeros_(adapter.lora_A)
+            nn.init.normal_(adapter.lora_B)
+
+    def delta_weight(self, name):
+        ad = self.adapters[name]
+        return LF.embedding_delta_weight(ad.lora_A.float(), ad.lora_B.float(), ad.scaling)
+
+    def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(ids, *args, **kwargs)
+        base = self.base_layer
+        for ad in self._run:
+            delta = LF.embedding_delta(ids, ad.lora_A, ad.lora_B, ad.scaling, base.padding_idx,
+                                       base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+            out = out + delta.to(out.dtype)
+        return out
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: ``A`` is a conv with the base kernel/stride/padding into ``r``
+    channels, ``B`` a 1x1 conv back to ``out`` channels. ``x: (N, in, *S)`` -> ``(N, out, *S')``."""
+
+    def __init__(self, base_layer: nn.Module):
+        if base_layer.groups != 1:
+            raise TypeError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+        if base_layer.padding_mode != "zeros":
+            raise TypeError(f"LoRA on convolutions with padding_mode={base_layer.padding_mode!r} is not supported")
+        super().__init__(base_layer)
+        self._conv = _CONV_FN[base_layer.weight.dim() - 2]
+
+    def _shapes(self, r):
+        out_c, in_c, *kernel = self.base_layer.weight.shape
+        return (r, in_c, *kernel), (out_c, r, *([1] * len(kernel)))
+
+    def delta_weight(self, name):
+        ad = self.adapters[name]
+        return LF.conv_delta_weight(ad.lora_A.float(), ad.lora_B.float(), ad.scaling)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        b = self.base_layer
+        for ad in self._run:
+            xa = self._cast_input(x, ad.lora_A.dtype)
+            delta = LF.conv_delta(xa, ad.lora_A, ad.lora_B, ad.scaling, self._conv, b.stride, b.padding,
+                                  b.dilation, ad.dropout, self.training)
+            out = out + delta.to(out.dtype)
+        return out
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency, but keep the layer usable without it
+        return ()
+    return Conv1D
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Linear layers for ``"all-linear"``: ``nn.Linear`` and transformers' ``Conv1D``."""
+    return isinstance(module, (nn.Linear, _conv1d_type())) and not isinstance(module, LoraLayer)
+
+
+def wrap_module(module: nn.Module) -> LoraLayer:
+    """A fresh LoRA wrapper (no adapters yet) for a supported base layer, else a clear TypeError."""
+    if isinstance(module, nn.Linear):
+        return LoraLinear(module)
+    conv1d = _conv1d_type()
+    if conv1d and isinstance(module, conv1d):
+        return LoraLinear(module, fan_in_fan_out=True)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return LoraConv(module)
+    raise TypeError(
+        f"LoRA does not support modules of type {type(module).__name__}; supported: torch.nn.Linear, "
+        "torch.nn.Embedding, torch.nn.Conv1d/2d/3d and transformers' Conv1D"
+    )

@@ -1,0 +1,360 @@
+"""``PeftModel`` and the task wrappers: thin front ends over injection, checkpoint and the methods.
+
+Structure (it fixes the checkpoint key prefix ``base_model.model.``)::
+
+    PeftModel
+      base_model: AdapterHost
+        model: the user's model, with adapter layers injected in place
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import injection
+from .config import PeftConfig, TaskType
+from .registry import get_method
+
+
+class AdapterHost(nn.Module):
+    """Holds the adapted model as ``.model`` (peft's ``LoraModel`` position); attributes fall through."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+def _uses_checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed the flag; read whichever exists without tripping deprecation warnings.
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if attr in dir(type(model)):
+            return bool(getattr(model, attr))
+    return False
+
+
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+
+
+class PeftModel(nn.Module):
+    """A model with named adapters: add, switch, merge, save and load them.
+
+    Args:
+        model: The base model (a ``transformers`` model or any ``nn.Module``); adapted in place.
+        peft_config: The first adapter's config.
+        adapter_name: Its name.
+        autocast_adapter_dtype: Keep adapters of float16/bfloat16 layers in float32.
+    """
+
+    #: Heads a task wrapper always trains in full (added to ``modules_to_save``).
+    default_modules_to_save: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True):
+        super().__init__()
+        self.base_model = AdapterHost(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        self._autocast_adapter_dtype = autocast_adapter_dtype
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+        if _uses_checkpointing(model):
+            self._inputs_require_grad()
+
+    # ------------------------------------------------------------------ attribute fall-through
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The underlying model (adapter layers included)."""
+        return self.base_model.model
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        """The active adapter's name (a list when several are active)."""
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    def _resolve_config(self, config: PeftConfig) -> PeftConfig:
+        extra = [m for m in self.default_modules_to_save if m not in (config.modules_to_save or [])]
+        if extra:
+            config = config.replace(modules_to_save=list(config.modules_to_save or []) + extra)
+        return config
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Inject a new (inactive unless it is the first) adapter. On error the model is unchanged."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it first")
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"peft_config must be a PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
+        method = get_method(peft_config.peft_type)
+        config = self._resolve_config(peft_config)
+        model = self.base_model.model
+        names = injection.inject(model, config, adapter_name, method, self._autocast_adapter_dtype)
+        if getattr(config, "fan_in_fan_out", None) is False and any(
+            getattr(model.get_submodule(n), "fan_in_fan_out", False) for n in names
+        ):
+            config = config.replace(fan_in_fan_out=True)  # recorded as peft records it for Conv1D
+        injection.add_modules_to_save(model, config.modules_to_save, adapter_name)
+        self.peft_config[adapter_name] = config
+        self._apply_active()
+
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
+        """Activate one adapter, or several (their deltas are summed); they become trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
+        self._active = names
+        self._apply_active()
+
+    def _apply_active(self) -> None:
+        model = self.base_model.model
+        for _, module in self._switchable():
+            module.set_active(self._active)
+        injection.freeze(model)
+        for name in self._active:
+            config = self.peft_config[name]
+            if config.inference_mode:
+                continue
+            for tensor in ckpt.adapter_tensors(model, name, getattr(config, "bias", "none")).values():
+                if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
+                    tensor.requires_grad_(True)
+
+    def _switchable(self):
+        model = self.base_model.model
+        yield from injection.adapter_layers(model)
+        yield from injection.saved_module_wrappers(model)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"unknown adapter {adapter_name!r}; available: {list(self.peft_config)}")
+        injection.delete_adapter(self.base_model.model, adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self._active if n != adapter_name]
+        self._active = remaining or list(self.peft_config)[:1]
+        self._apply_active()
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager: inside it the model computes as the base model (weights untouched)."""
+        modules = [m for _, m in self._switchable()]
+        for m in modules:
+            m.set_disabled(True)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.set_disabled(False)
+
+    # ------------------------------------------------------------------ merging
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """Add the adapters' deltas into the base weights (default: the active adapters).
+
+        With ``safe_merge`` every new weight is checked for NaN/inf before it is written; if any layer
+        fails, the layers already merged in this call are unmerged again.
+        """
+        names = list(self._active if adapter_names is None else adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
+        done = []
+        try:
+            for _, layer in injection.adapter_layers(self.base_model.model):
+                before = len(layer.merged)
+                layer.merge(names, safe=safe_merge)
+                if len(layer.merged) > before:
+                    done.append(layer)
+        except Exception:
+            for layer in done:
+                layer.unmerge()
+            raise
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter again, restoring the base weights."""
+        for _, layer in injection.adapter_layers(self.base_model.model):
+            layer.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
+        """Merge adapters into the base weights and return the plain base model (no adapter layers);
+        modules_to_save are replaced by the active adapter's trained copy."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return injection.unwrap(self.base_model.model, keep_saved_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Remove all adapter layers without merging and return the base model with its original weights."""
+        self.unmerge_adapter()
+        return injection.unwrap(self.base_model.model, keep_saved_copies=False)
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts."""
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    def _inputs_require_grad(self) -> None:
+        enable = getattr(self.base_model.model, "enable_input_require_grads", None)
+        if callable(enable):
+            enable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Enable the base model's gradient checkpointing and make its inputs require grad, so
+        adapters inside checkpointed blocks receive gradients with a frozen embedding layer."""
+        self.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        self._inputs_require_grad()
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[Iterable[str]] = None,
+                        safe_serialization: bool = True, **kwargs) -> None:
+        """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``; adapters other
+        than ``"default"`` go into a sub-folder named after them (as peft does)."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file, not a folder")
+        if not safe_serialization:
+            raise ValueError("deltatune only writes safetensors (pickle files can run code when loaded)")
+        names = list(self.peft_config if selected_adapters is None else selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
+        base_name = getattr(getattr(self.base_model.model, "config", None), "name_or_path", None) or None
+        for name in names:
+            config = self.peft_config[name]
+            config = config.replace(inference_mode=True,
+                                    base_model_name_or_path=config.base_model_name_or_path or base_name)
+            tensors = ckpt.state_dict_for_save(self, name, getattr(config, "bias", "none"))
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            ckpt.save_adapter_folder(folder, tensors, config)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
+                        autocast_adapter_dtype: bool = True, subfolder: Optional[str] = None,
+                        revision: Optional[str] = None, **hub_kwargs) -> "PeftModel":
+        """Load a saved adapter (local folder or Hub id) onto ``model``.
+
+        The files are read and checked before the model is touched; if the weights do not fit, the
+        injected layers are removed again and the model is left as it was.
+        """
+        directory = ckpt.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
+        config = config or PeftConfig.from_pretrained(directory)
+        config = config.replace(inference_mode=not is_trainable)
+        weights = ckpt.read_adapter_weights(directory)
+        target_cls = task_model_class(config.task_type) if cls is PeftModel else cls
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            peft_model._load_weights(weights, adapter_name)
+        except Exception:
+            injection.unwrap(model)
+            raise
+        return peft_model
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     subfolder: Optional[str] = None, revision: Optional[str] = None, **hub_kwargs) -> None:
+        """Load another saved adapter next to the existing ones (it is not activated)."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it first")
+        directory = ckpt.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
+        config = PeftConfig.from_pretrained(directory).replace(inference_mode=not is_trainable)
+        weights = ckpt.read_adapter_weights(directory)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_weights(weights, adapter_name)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_weights(self, weights: dict, adapter_name: str) -> None:
+        bias = getattr(self.peft_config[adapter_name], "bias", "none")
+        missing = ckpt.load_into(self, _with_prefix(weights), adapter_name, bias)
+        ckpt.warn_missing(missing, adapter_name)
+
+
+def _with_prefix(weights: dict) -> dict:
+    """Accept keys with or without peft's ``base_model.model.`` prefix."""
+    prefix = "base_model.model."
+    return {k if k.startswith(prefix) else prefix + k: v for k, v in weights.items()}
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Causal language models; ``generate`` runs the base model's generation with adapters active."""
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.model.generate(*args, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
+    """Encoder-decoder language models (T5, BART, ...)."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Sequence classification; the new head (``classifier``/``score``) is trained in full."""
+
+    default_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(PeftModel):
+    default_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    default_modules_to_save = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Encoders used for embeddings / as backbones."""
+
+
+_TASK_MODELS = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def task_model_class(task_type: Optional[TaskType]) -> type:
+    return PeftModel if task_type is None else _TASK_MODELS[TaskType(task_type)]

@@ -1,0 +1,61 @@
+"""Adapter methods by name: each method registers its config class and layer hooks once.
+
+The core (injection, checkpoint, model) asks the registry; it never names a method itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from .config import PeftType
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the core needs to know about one layer-based adapter method.
+
+    Attributes:
+        peft_type: The method's ``peft_type``.
+        config_cls: Its config dataclass.
+        layer_cls: Base class of its adapter layers (to find them in a model).
+        wrap: ``base module -> fresh adapter layer`` (TypeError for unsupported modules).
+        add_adapter: ``(layer, module_name, adapter_name, config, autocast_adapter_dtype) -> None``:
+            create one adapter in a layer.
+        is_linear: Which modules ``"all-linear"`` selects.
+    """
+
+    peft_type: PeftType
+    config_cls: type
+    layer_cls: type
+    wrap: Callable[[nn.Module], nn.Module]
+    add_adapter: Callable
+    is_linear: Callable[[nn.Module], bool]
+
+
+_METHODS: dict[PeftType, Method] = {}
+
+
+def register(method: Method) -> Method:
+    _METHODS[method.peft_type] = method
+    return method
+
+
+def get_method(peft_type) -> Method:
+    """The registered method for a ``PeftType`` (or its string value)."""
+    from . import methods  # noqa: F401  (importing the package registers every method)
+
+    try:
+        key = PeftType(peft_type)
+        return _METHODS[key]
+    except (ValueError, KeyError):
+        known = sorted(m.value for m in _METHODS)
+        raise ValueError(f"unknown or unsupported peft_type {peft_type!r}; deltatune supports {known}") from None
+
+
+def adapter_layer_types() -> tuple[type, ...]:
+    from . import methods  # noqa: F401
+
+    return tuple(m.layer_cls for m in _METHODS.values())
