@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .injection import adapter_layers, iter_modules, saved_module_wrappers
 from .modules_to_save import ModulesToSaveWrapper
+from .registry import adapter_layer_types
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -63,11 +64,13 @@ def _atomic(path: str, write) -> None:
 
 
 # --------------------------------------------------------------------------- state dicts
-def adapter_tensors(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
+def adapter_tensors(model: nn.Module, adapter_name: str, bias: str = "none",
+                    peft_layout: bool = False) -> dict[str, Tensor]:
     """The live tensors of one adapter under their HF keys (relative to ``model``).
 
     Covers the adapter layers' declared tensors, modules_to_save copies (parameters and buffers) and,
-    per ``bias``, base biases.
+    per ``bias``, base biases. ``peft_layout`` adds the extra keys peft writes for ``bias="all"``
+    (the biases inside modules_to_save wrappers), so saved files carry the same key set as peft's.
     """
     out: dict[str, Tensor] = {}
     for name, layer in adapter_layers(model):
@@ -75,33 +78,48 @@ def adapter_tensors(model: nn.Module, adapter_name: str, bias: str = "none") -> 
             suffixes = HF_SUFFIXES[layer.checkpoint_kind]
             for role, tensor in layer.adapter_params(adapter_name).items():
                 out[f"{name}.{suffixes[role]}"] = tensor
-            if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
-                out[f"{name}.base_layer.bias"] = layer.base_layer.bias
+        # As in peft, "lora_only" means the biases of every adapted layer, whichever adapter it holds.
+        if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+            out[_bias_key(name, layer, adapter_name)] = layer.base_layer.bias
     for name, wrapper in saved_module_wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             for key, tensor in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                 out[f"{name}.{key}"] = tensor
     if bias == "all":
-        out.update(_all_biases(model))
+        out.update(_all_biases(model, adapter_name, peft_layout))
     return out
 
 
-def _all_biases(model: nn.Module, prefix: str = "") -> dict[str, Tensor]:
-    """Every module's own ``bias`` parameter (modules_to_save wrappers are saved as wholes)."""
+def _bias_key(name: str, layer: nn.Module, adapter_name: str) -> str:
+    """A base bias is keyed as the adapter alone would see it: ``x.base_layer.bias`` if this adapter
+    wraps the layer, ``x.bias`` if only other adapters do (so the file loads on its own, in peft too)."""
+    return f"{name}.base_layer.bias" if adapter_name in layer.adapters else f"{name}.bias"
+
+
+def _all_biases(module: nn.Module, adapter_name: str, peft_layout: bool, prefix: str = "") -> dict[str, Tensor]:
+    """Every module's own ``bias`` parameter. A modules_to_save copy is saved whole already; peft
+    additionally lists ``<name>.original_module.bias`` and ``<name>.modules_to_save.bias``."""
     out = {}
-    for name, child in model.named_children():
-        full = f"{prefix}{name}"
-        if isinstance(child, ModulesToSaveWrapper):
-            continue
-        if isinstance(getattr(child, "bias", None), nn.Parameter) and "bias" in child._parameters:
-            out[f"{full}.bias"] = child.bias
-        out.update(_all_biases(child, full + "."))
+    if isinstance(module, adapter_layer_types()) and adapter_name not in module.adapters:
+        return _all_biases(module.base_layer, adapter_name, peft_layout, prefix)
+    if isinstance(module, ModulesToSaveWrapper):
+        if peft_layout:
+            out.update(_all_biases(module.original_module, adapter_name, False, prefix + "original_module."))
+            if adapter_name in module.modules_to_save:
+                copy = module.modules_to_save[adapter_name]
+                out.update(_all_biases(copy, adapter_name, False, prefix + "modules_to_save."))
+        return out
+    if module._parameters.get("bias") is not None:
+        out[prefix + "bias"] = module._parameters["bias"]
+    for name, child in module.named_children():
+        out.update(_all_biases(child, adapter_name, peft_layout, f"{prefix}{name}."))
     return out
 
 
 def state_dict_for_save(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
     """Detached, contiguous CPU copies of :func:`adapter_tensors` (what goes into the file)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_tensors(model, adapter_name, bias).items()}
+    tensors = adapter_tensors(model, adapter_name, bias, peft_layout=True)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
 def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str, bias: str = "none") -> list[str]:
@@ -114,11 +132,13 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
     Returns:
         The adapter keys the checkpoint did not provide (missing keys).
     """
-    wanted = adapter_tensors(model, adapter_name, bias)
-    others = dict(model.named_parameters())
+    # Keys are compared in a canonical form without ``.base_layer``: a bias saved as
+    # ``x.base_layer.bias`` (its layer had an adapter then) is ``x.bias`` on a plain layer now.
+    wanted = {_unwrapped(k): v for k, v in adapter_tensors(model, adapter_name, bias, peft_layout=True).items()}
+    others = {_unwrapped(n): p for n, p in model.named_parameters()}
     plan = []
     for key, tensor in state_dict.items():
-        target = wanted.get(key, others.get(key))
+        target = wanted.get(_unwrapped(key), others.get(_unwrapped(key)))
         if target is None:
             close = [k for k in wanted if k.rsplit(".", 2)[0] == key.rsplit(".", 2)[0]][:3]
             hint = f"; keys near it in the model: {close}" if close else ""
@@ -135,7 +155,12 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
     with torch.no_grad():
         for target, tensor in plan:
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
-    return [k for k in wanted if k not in state_dict]
+    provided = {_unwrapped(k) for k in state_dict}
+    return [k for k in wanted if k not in provided]
+
+
+def _unwrapped(key: str) -> str:
+    return key.replace(".base_layer.", ".")
 
 
 # --------------------------------------------------------------------------- files

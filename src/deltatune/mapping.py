@@ -62,7 +62,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
         adapter_name: Which adapter.
         config: The adapter's config, needed for ``bias`` with a bare model.
     """
-    live = ckpt.adapter_tensors(model, adapter_name, _bias(model, adapter_name, config))
+    live = ckpt.adapter_tensors(model, adapter_name, _bias(model, adapter_name, config), peft_layout=True)
     if state_dict is None:
         return {k: v.detach() for k, v in live.items()}
     internal = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}

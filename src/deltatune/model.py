@@ -118,6 +118,14 @@ class PeftModel(nn.Module):
             raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it first")
         if not isinstance(peft_config, PeftConfig):
             raise TypeError(f"peft_config must be a PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
+        if getattr(peft_config, "bias", "none") != "none" and any(
+            getattr(c, "bias", "none") != "none" for c in self.peft_config.values()
+        ):
+            raise ValueError(
+                f"adapter {adapter_name!r} trains biases (bias={peft_config.bias!r}) but another adapter "
+                "already does; biases are shared base weights, so only one adapter may train them "
+                "(set bias='none' for the others)"
+            )
         method = get_method(peft_config.peft_type)
         config = self._resolve_config(peft_config)
         model = self.base_model.model

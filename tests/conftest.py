@@ -1,0 +1,134 @@
+"""Tiny seeded models for the test suite (built from configs: no downloads)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*is deprecated.*")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VOCAB = 64
+
+
+def _seeded(build, seed=0):
+    torch.manual_seed(seed)
+    model = build()
+    model.eval()
+    return model
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _seeded(lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)))
+
+
+def tiny_gpt2_cls():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    return _seeded(lambda: GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=3, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)))
+
+
+def tiny_gpt2_lm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return _seeded(lambda: GPT2LMHeadModel(GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)))
+
+
+def tiny_bert_cls():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return _seeded(lambda: BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=3)))
+
+
+def tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return _seeded(lambda: T5ForConditionalGeneration(T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)))
+
+
+def tiny_llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, image_size=16, patch_size=8, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2),
+        image_token_index=VOCAB - 1, vision_feature_layer=-1, image_seq_length=4,
+    )
+    return _seeded(lambda: LlavaForConditionalGeneration(config))
+
+
+class ConvNet(nn.Module):
+    """A small CNN: Conv2d -> Conv1d over rows -> Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
+        self.row = nn.Conv1d(8, 8, 2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv(x))))  # (N, 8, 3, 3)
+        h = self.row(h.mean(-1))  # (N, 8, 2)
+        return self.head(h.mean(-1))
+
+
+def tiny_convnet():
+    return _seeded(ConvNet)
+
+
+# Inputs for each model family (fixed seed).
+def text_inputs(batch=2, seq=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB - 2, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def t5_inputs():
+    inputs = text_inputs()
+    inputs["decoder_input_ids"] = text_inputs(seq=5, seed=2)["input_ids"]
+    return inputs
+
+
+def llava_inputs():
+    g = torch.Generator().manual_seed(3)
+    text = torch.randint(3, VOCAB - 2, (2, 5), generator=g)
+    ids = torch.cat([torch.full((2, 4), VOCAB - 1), text], dim=1)
+    return {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+
+
+def conv_inputs():
+    g = torch.Generator().manual_seed(4)
+    return {"x": torch.randn(2, 3, 8, 8, generator=g)}
+
+
+def main_output(out) -> torch.Tensor:
+    """The tensor to compare from a model output (logits, or the tensor itself)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+@pytest.fixture
+def tmp_dir(tmp_path):
+    return str(tmp_path)
