@@ -1,0 +1,163 @@
+"""Bad checkpoints get clear errors and leave model and files unchanged; saves are atomic."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import safetensors.torch
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import deltatune as dt
+from deltatune.methods.lora import LoraLayer
+
+
+def _mlp(width=16):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 4)).eval()
+
+
+def _saved(tmp_path, width=16, **kwargs):
+    model = dt.get_peft_model(_mlp(width), dt.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False, **kwargs))
+    path = str(tmp_path / "adapter")
+    model.save_pretrained(path)
+    return model, path
+
+
+def _snapshot(model):
+    return [(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, snapshot):
+    modules, state = snapshot
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert model.state_dict().keys() == state.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_shape_mismatch_names_key_and_shapes_and_changes_nothing(tmp_path):
+    _, path = _saved(tmp_path, width=16)
+    target = _mlp(width=32)
+    snap = _snapshot(target)
+    with pytest.raises(dt.CheckpointError) as info:
+        dt.PeftModel.from_pretrained(target, path)
+    message = str(info.value)
+    assert "base_model.model.0.lora_B.weight" in message and "(16, 2)" in message and "(32, 2)" in message
+    _assert_unchanged(target, snap)
+
+
+def test_load_adapter_failure_removes_only_the_new_adapter(tmp_path):
+    _, path = _saved(tmp_path, width=16)
+    model = dt.get_peft_model(_mlp(width=32), dt.LoraConfig(r=2, target_modules=["2"]))
+    snap = _snapshot(model)
+    with pytest.raises(dt.CheckpointError, match="shape"):
+        model.load_adapter(path, "other")
+    assert list(model.peft_config) == ["default"]
+    _assert_unchanged(model, snap)
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    _, path = _saved(tmp_path)
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    tensors["base_model.model.9.lora_A.weight"] = torch.zeros(2, 8)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    target = _mlp()
+    snap = _snapshot(target)
+    with pytest.raises(dt.CheckpointError, match=r"9\.lora_A\.weight"):
+        dt.PeftModel.from_pretrained(target, path)
+    _assert_unchanged(target, snap)
+
+
+def test_missing_keys_warn(tmp_path):
+    _, path = _saved(tmp_path)
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    del tensors["base_model.model.2.lora_B.weight"]
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with pytest.warns(UserWarning, match=r"2\.lora_B\.weight"):
+        dt.PeftModel.from_pretrained(_mlp(), path)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    _, path = _saved(tmp_path)
+    file = os.path.join(path, "adapter_model.safetensors")
+    data = open(file, "rb").read()
+    open(file, "wb").write(data[: len(data) // 2])
+    target = _mlp()
+    snap = _snapshot(target)
+    with pytest.raises(dt.CheckpointError, match="truncated or corrupt"):
+        dt.PeftModel.from_pretrained(target, path)
+    _assert_unchanged(target, snap)
+    open(file, "wb").write(b"garbage")
+    with pytest.raises(dt.CheckpointError, match="truncated or corrupt"):
+        dt.PeftModel.from_pretrained(target, path)
+
+
+def test_missing_files_and_folders(tmp_path):
+    _, path = _saved(tmp_path)
+    os.remove(os.path.join(path, "adapter_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        dt.PeftModel.from_pretrained(_mlp(), path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dt.PeftModel.from_pretrained(_mlp(), str(tmp_path / "nowhere"))
+
+
+def test_hub_id_offline_says_it_could_not_be_fetched(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    target = _mlp()
+    with pytest.raises(FileNotFoundError, match="could not be fetched from the Hugging Face Hub"):
+        dt.PeftModel.from_pretrained(target, "some-user/some-adapter")
+    assert not any(isinstance(m, LoraLayer) for m in target.modules())
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_adapters_load_only_with_weights_only(tmp_path):
+    model, path = _saved(tmp_path)
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    os.remove(os.path.join(path, "adapter_model.safetensors"))
+    torch.save(tensors, os.path.join(path, "adapter_model.bin"))
+    loaded = dt.PeftModel.from_pretrained(_mlp(), path)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(loaded(x), model(x))
+    with open(os.path.join(path, "adapter_model.bin"), "wb") as fh:
+        pickle.dump({"x": _Evil()}, fh)
+    with pytest.raises(dt.CheckpointError, match="weights_only"):
+        dt.PeftModel.from_pretrained(_mlp(), path)
+
+
+def test_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    model, path = _saved(tmp_path)
+    file = os.path.join(path, "adapter_model.safetensors")
+    good = open(file, "rb").read()
+
+    def broken_save(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(path)
+    assert open(file, "rb").read() == good  # the previous adapter is intact
+    assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(fresh)
+    assert not os.path.exists(os.path.join(fresh, "adapter_model.safetensors"))
+    assert not any(name.startswith(".tmp") for name in os.listdir(fresh))
+
+
+def test_save_refuses_pickle_and_files(tmp_path):
+    model, path = _saved(tmp_path)
+    with pytest.raises(ValueError, match="safetensors"):
+        model.save_pretrained(str(tmp_path / "x"), safe_serialization=False)
+    file = tmp_path / "a_file"
+    file.write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        model.save_pretrained(str(file))
