@@ -1,0 +1,77 @@
+"""The ``deltatune`` command: ``train``, ``ab``, ``merge`` and ``inspect``.
+
+Errors in what the user gave (a missing folder, a bad data file, an unknown method) are printed as one
+line starting with ``deltatune: error:`` and exit with status 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from .options import UsageError, add_run_arguments, given_options, resolve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning, peft-compatible.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune with an adapter and write a run folder",
+                           description="With no arguments: LoRA on the embedded MiniLM-L6 encoder and the bundled "
+                                       "support-intents dataset, next to a head-only baseline.")
+    add_run_arguments(train)
+    train.add_argument("--no-baseline", dest="baseline", action="store_const", const=False,
+                       help="skip the head-only baseline run")
+
+    ab = sub.add_parser("ab", help="A/B test: head-only baseline vs each method over several seeds")
+    add_run_arguments(ab)
+    ab.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
+    ab.add_argument("--methods", nargs="+", help="methods to compare (default: all available)")
+
+    merge = sub.add_parser("merge", help="merge an adapter into its base and save a plain transformers model")
+    merge.add_argument("adapter", help="a run folder or an adapter folder")
+    merge.add_argument("--output", required=True, help="folder for the merged model")
+    merge.add_argument("--model", help="base model folder (default: the one recorded in the adapter)")
+
+    inspect = sub.add_parser("inspect", help="describe an adapter folder")
+    inspect.add_argument("adapter", help="a run folder or an adapter folder")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command in ("train", "ab"):
+            options = resolve(args, given_options(args))
+            if args.command == "train":
+                from .train import train_command
+
+                train_command(options)
+            else:
+                from .ab import ab_command
+
+                ab_command(options)
+        elif args.command == "merge":
+            from .merge import merge_command
+
+            merge_command(args.adapter, args.output, args.model)
+        else:
+            from .inspect_adapter import inspect_command
+
+            print(inspect_command(args.adapter))
+    except (UsageError, FileNotFoundError) as exc:
+        print(f"deltatune: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # library errors (bad checkpoint, config) are user-facing too
+        from ..checkpoint import CheckpointError
+        from ..config import ConfigError
+
+        if isinstance(exc, (CheckpointError, ConfigError)):
+            print(f"deltatune: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    return 0

@@ -1,0 +1,116 @@
+"""Datasets for the command line: the bundled support-intents set, or the user's JSONL/CSV files.
+
+The bundled set (``data/support_intents_*.jsonl``, 300 train / 100 test short customer-support messages
+in five intent classes) was written for deltatune from templates by ``scripts/make_dataset.py`` and is
+public domain (CC0-1.0). Its test sentences use phrasings absent from the training set.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .options import RunOptions, UsageError
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BUNDLED_TRAIN = DATA_DIR / "support_intents_train.jsonl"
+BUNDLED_TEST = DATA_DIR / "support_intents_test.jsonl"
+SPLIT_SEED = 1234  # fixed, so --seed changes training randomness but never the split
+
+
+@dataclass
+class TextData:
+    train: list[dict]
+    test: list[dict]
+    labels: list[str]  # empty for causal-lm
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL (one object per line) or CSV/TSV (header row) file."""
+    path = str(path)
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if not text.strip():
+        raise UsageError(f"data file {path!r} is empty")
+    if path.endswith((".csv", ".tsv")):
+        rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if path.endswith(".tsv") else ","))
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}, line {number}: expected a JSON object with a 'text' field")
+            rows.append(row)
+    if not rows:
+        raise UsageError(f"data file {path!r} has no rows")
+    return rows
+
+
+def _check_columns(rows: list[dict], path: str, needed: tuple[str, ...]) -> None:
+    found = sorted(rows[0])
+    for i, row in enumerate(rows):
+        missing = [c for c in needed if row.get(c) in (None, "")]
+        if missing:
+            raise UsageError(f"{path}: row {i + 1} is missing column(s) {missing} (columns found: {found})")
+
+
+def load_text_data(o: RunOptions) -> TextData:
+    """Train/test rows and the label list for the run's task, validated."""
+    needed = ("text", "label") if o.task == "seq-cls" else ("text",)
+    if o.data is None:
+        if o.task != "seq-cls":
+            raise UsageError("the bundled dataset is for --task seq-cls; pass --data for causal-lm")
+        train, test, train_name, test_name = read_rows(BUNDLED_TRAIN), read_rows(BUNDLED_TEST), str(BUNDLED_TRAIN), str(BUNDLED_TEST)
+    else:
+        train, train_name = read_rows(o.data), o.data
+        if o.test_data:
+            test, test_name = read_rows(o.test_data), o.test_data
+        else:
+            rows = list(train)
+            random.Random(SPLIT_SEED).shuffle(rows)
+            n_test = max(1, round(len(rows) * o.test_fraction))
+            if len(rows) - n_test < 1:
+                raise UsageError(f"data file {o.data!r} has too few rows ({len(rows)}) to split off a test set")
+            test, train, test_name = rows[:n_test], rows[n_test:], o.data
+    _check_columns(train, train_name, needed)
+    _check_columns(test, test_name, needed)
+    labels: list[str] = []
+    if o.task == "seq-cls":
+        labels = sorted({str(r["label"]) for r in train})
+        unknown = sorted({str(r["label"]) for r in test} - set(labels))
+        if unknown:
+            raise UsageError(f"{test_name}: unknown label(s) {unknown} that never occur in the training data")
+        if len(labels) < 2:
+            raise UsageError(f"{train_name}: need at least two distinct labels, found {labels}")
+    return TextData(train, test, labels)
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Tokenized examples: ``input_ids``, ``attention_mask`` and (classification) ``labels``."""
+
+    def __init__(self, rows: list[dict], tokenizer, max_length: int, labels: list[str]):
+        encoded = tokenizer([str(r["text"]) for r in rows], truncation=True, max_length=max_length)
+        index = {label: i for i, label in enumerate(labels)}
+        self.items = []
+        for i, row in enumerate(rows):
+            item = {k: encoded[k][i] for k in ("input_ids", "attention_mask")}
+            if labels:
+                item["labels"] = index[str(row["label"])]
+            self.items.append(item)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]

