@@ -125,6 +125,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     a("--model", help="local transformers model folder (default: the embedded MiniLM-L6 encoder)")
     a("--data", help="JSONL or CSV with text/label columns, or text only for causal-lm (default: bundled)")
     a("--test-data", dest="test_data", help="held-out file (default: a fixed split of --data)")
+    a("--test-fraction", dest="test_fraction", type=float,
+      help="share of --data held out for evaluation when no --test-data is given (default 0.2)")
     a("--task", help=f"one of {list(TASKS)} (default seq-cls)")
     a("--method", help=f"adapter method, one of {list(METHODS)} (default lora)")
     a("--r", type=int, help="adapter rank (default 8)")

@@ -60,7 +60,7 @@ def load_base_model(path: str, task: str, labels: list[str]):
     try:
         if task == "seq-cls":
             return transformers.AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                path, num_labels=len(labels), id2label=dict(enumerate(labels)), ignore_mismatched_sizes=True,
                 label2id={l: i for i, l in enumerate(labels)})
         return transformers.AutoModelForCausalLM.from_pretrained(path)
     except Exception as exc:
@@ -114,6 +114,10 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
         def on_log(self, args, state, control, logs=None, **kwargs):
             pass
 
+    class _SeededTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return EpochPermutationSampler(len(train_dataset or self.train_dataset), self.args.seed)
+
     if o.batch_size % world_size():
         raise UsageError(f"--batch-size {o.batch_size} must be divisible by the {world_size()} processes")
     train = EncodedDataset(data.train, tokenizer, o.max_length, data.labels)
@@ -128,8 +132,12 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
         ddp_backend="gloo" if world_size() > 1 and not torch.cuda.is_available() else None, dataloader_num_workers=0,
         disable_tqdm=not is_main_process(), warmup_steps=0, weight_decay=0.0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=test, data_collator=collator,
+    trainer = _SeededTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, data_collator=collator,
                       compute_metrics=_accuracy if o.task == "seq-cls" else None)
+    if o.task == "seq-cls":
+        # Classification heads average their loss per batch and ignore num_items_in_batch, yet the
+        # Trainer (seeing **kwargs in forward) would scale the loss by the process count under DDP.
+        trainer.model_accepts_loss_kwargs = False
     if is_main_process():
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_QuietProgress)  # progress bars, without a dict dump per log entry
@@ -142,6 +150,26 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
         trainer.train()
     seconds = time.perf_counter() - start
     return FitResult(name, _history(trainer.state.log_history), {}, seconds, trainable, total)
+
+
+class EpochPermutationSampler(torch.utils.data.Sampler):
+    """A fresh permutation each epoch, drawn from ``seed`` and the epoch number only.
+
+    The Trainer's default sampler draws from the global RNG in one process but is replaced by a seeded
+    sampler under DDP, so the two see different orders; this one gives every process count the same
+    global order, which makes a 2-process run match a 1-process run with the same global batch.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 def _accuracy(prediction) -> dict:
