@@ -189,10 +189,24 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if not self._run:
+            return out
+        autocast = torch.is_autocast_enabled(x.device.type)
+        # nn.Linear does not keep its output for backward, so the adapter can add into it in place
+        # (one fused addmm, no out-sized temporary); other bases get an out-of-place add.
+        inplace = type(self.base_layer) is nn.Linear and out.is_contiguous() and not autocast
         for ad in self._run:
-            xa = self._cast_input(x, ad.lora_A.dtype)
-            delta = LF.linear_delta(xa, ad.lora_A, ad.lora_B, ad.scaling, ad.dropout, self.training)
-            out = out + delta.to(out.dtype)
+            A, B = ad.lora_A, ad.lora_B
+            xa = x if autocast or x.dtype == A.dtype else x.to(A.dtype)
+            if ad.dropout > 0.0 and self.training and not autocast:
+                delta = LF.linear_delta_dropout(xa, A, B, ad.scaling, ad.dropout)
+            elif inplace and out.dtype == A.dtype:
+                hidden = F.linear(xa, A)
+                out.view(-1, out.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), B.t(), alpha=ad.scaling)
+                continue
+            else:
+                delta = LF.linear_delta(xa, A, B, ad.scaling, ad.dropout, self.training)
+            out = out.add_(delta.to(out.dtype)) if inplace else out + delta.to(out.dtype)
         return out
 
 

@@ -1,0 +1,114 @@
+"""The LoRA hot path against the plain PyTorch formula: in-place fused forward, compact-mask dropout."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deltatune as dt
+from deltatune.methods.lora import functional as LF
+
+
+def _layer(bias=True, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(24, 20, bias=bias))
+    model = dt.get_peft_model(model, dt.LoraConfig(r=4, lora_alpha=12, target_modules=["0"], lora_dropout=dropout,
+                                                   init_lora_weights=False))
+    return model.base_model.model[0]
+
+
+@pytest.mark.parametrize("shape", [(5, 24), (2, 3, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_forward_gradients_equal_the_plain_formula(shape, bias):
+    layer = _layer(bias).train()
+    ad = layer.adapters["default"]
+    ad.lora_A.requires_grad_(True)
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, ad.lora_A, ad.lora_B], g)
+
+    A, B = ad.lora_A.detach().clone().requires_grad_(), ad.lora_B.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    W, b = layer.base_layer.weight.detach(), layer.base_layer.bias
+    want = x_ref @ W.T + (b.detach() if b is not None else 0) + ad.scaling * (x_ref @ A.T) @ B.T
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    ref_grads = torch.autograd.grad(want, [x_ref, A, B], g)
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 24), (4, 16, 24)])
+def test_dropout_path_matches_the_plain_formula_with_the_same_mask(shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    A = (torch.randn(4, 24) * 0.3).requires_grad_()
+    B = (torch.randn(20, 4) * 0.3).requires_grad_()
+    p, s = 0.3, 1.5
+    out, positions = LF.linear_delta_dropout(x, A, B, s, p, return_positions=True)
+    mask = torch.ones(x.numel())
+    mask[positions.long()] = 0
+    mask = mask.reshape(shape)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, A, B], g)
+
+    x_ref, A_ref, B_ref = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    want = s * ((x_ref * mask / (1 - p)) @ A_ref.T) @ B_ref.T
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(grads, torch.autograd.grad(want, [x_ref, A_ref, B_ref], g)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_dropped_positions_are_bernoulli(p):
+    torch.manual_seed(1)
+    n = 200_000
+    counts, seen = [], torch.zeros(n)
+    for _ in range(20):
+        positions = LF.sample_dropped(n, p, "cpu")
+        assert positions.unique().numel() == positions.numel()
+        assert positions.min() >= 0 and positions.max() < n
+        counts.append(positions.numel())
+        seen[positions] += 1
+    sd = math.sqrt(n * p * (1 - p))
+    for c in counts:  # each count ~ Binomial(n, p)
+        assert abs(c - n * p) < 5 * sd
+    # Each element is dropped independently with probability p: per-position counts ~ Binomial(20, p).
+    assert abs(seen.mean().item() - 20 * p) < 5 * math.sqrt(20 * p * (1 - p) / n)
+    assert abs(seen.var().item() - 20 * p * (1 - p)) < 0.05 * 20 * p * (1 - p)
+    # Neighbours are uncorrelated (the gaps are drawn independently).
+    a, b = seen[:-1] - seen.mean(), seen[1:] - seen.mean()
+    assert abs((a * b).mean().item() / seen.var().item()) < 0.02
+
+
+def test_dropout_is_unbiased_and_seeded():
+    x = torch.ones(100_000)
+    A, B = torch.ones(1, 1), torch.ones(1, 1)
+    torch.manual_seed(3)
+    out = LF.linear_delta_dropout(x[:, None], A, B, 1.0, 0.2)
+    assert abs(out.mean().item() - 1.0) < 0.01
+    assert set(out.unique().tolist()) == {0.0, 1.25}
+    torch.manual_seed(3)
+    assert torch.equal(LF.linear_delta_dropout(x[:, None], A, B, 1.0, 0.2), out)
+
+
+def test_dropout_keeps_no_copy_of_the_input():
+    """Saved for backward: the input itself, the rank-r intermediate and a compact index list."""
+    layer = _layer(dropout=0.1).train()
+    x = torch.randn(8, 64, 24, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    copies = [t for t in saved if t.numel() >= x.numel() // 4 and t.data_ptr() != x.data_ptr()]
+    assert copies == [], [tuple(t.shape) for t in copies]
+    positions = [t for t in saved if t.dtype == torch.int32]
+    assert positions and positions[0].numel() < 0.2 * x.numel()
