@@ -53,6 +53,12 @@ CASES = [
     ("conv", tiny_convnet, conv_inputs,
      dict(r=2, target_modules=["conv", "conv2", "row"], modules_to_save=["head"]),
      dict(r=3, target_modules=["conv2"])),
+    ("llama-dora", tiny_llama, text_inputs,
+     dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
+     dict(task_type="CAUSAL_LM", r=2, target_modules=["v_proj"], use_dora=True)),
+    ("gpt2-dora-bias", tiny_gpt2_cls, text_inputs,
+     dict(task_type="SEQ_CLS", r=4, target_modules=["c_attn", "c_fc"], use_dora=True, bias="lora_only"),
+     dict(task_type="SEQ_CLS", r=2, target_modules=["c_attn"], use_dora=True)),
     ("llava-regex", tiny_llava, llava_inputs,
      dict(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj|gate_proj)",
           modules_to_save=["multi_modal_projector"]),
@@ -158,7 +164,11 @@ def test_deltatune_saved_adapter_loads_into_peft(case, tmp_dir):
     _assert_same_files(os.path.join(dt_dir, "second"), os.path.join(peft_dir, "second"))
 
 
-@pytest.mark.parametrize("case", CASES[:3] + CASES[7:8], ids=IDS[:3] + IDS[7:8])
+MERGE_CASES = [c for c in CASES if c[0] in ("llama", "llama-all-linear-rslora", "gpt2-cls-bias-all", "conv",
+                                             "llama-dora", "gpt2-dora-bias")]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES, ids=[c[0] for c in MERGE_CASES])
 def test_merged_weights_match_peft(case):
     """The same adapter merged by each library gives the same base weights."""
     _, build, make_inputs, kwargs, _ = case

@@ -8,7 +8,7 @@ from .mapping import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
-from .methods.lora import LoraConfig
+from .methods.lora import DoRAConfig, LoraConfig
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DoRAConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

@@ -92,7 +92,10 @@ def inject(model: nn.Module, config, adapter_name: str, method: Method,
     done = []
     try:
         for name, layer in layers.items():
-            method.add_adapter(layer, name, adapter_name, config, autocast_adapter_dtype)
+            try:
+                method.add_adapter(layer, name, adapter_name, config, autocast_adapter_dtype)
+            except TypeError as exc:
+                raise TypeError(f"cannot adapt module {name!r}: {exc}") from None
             done.append(layer)
     except Exception:
         for layer in done:

@@ -2,7 +2,7 @@
 
 from ...config import PeftType
 from ...registry import Method, register
-from .config import LoraConfig
+from .config import DoRAConfig, LoraConfig
 from .layer import LoraLayer, is_linear, wrap_module
 
 
@@ -15,9 +15,10 @@ def _add_adapter(layer: LoraLayer, module_name: str, adapter_name: str, config: 
         dropout=config.lora_dropout,
         init=config.init_lora_weights,
         autocast_adapter_dtype=autocast_adapter_dtype,
+        use_dora=config.use_dora,
     )
 
 
 register(Method(PeftType.LORA, LoraConfig, LoraLayer, wrap_module, _add_adapter, is_linear))
 
-__all__ = ["LoraConfig", "LoraLayer"]
+__all__ = ["DoRAConfig", "LoraConfig", "LoraLayer"]

@@ -38,7 +38,8 @@ class LoraConfig(PeftConfig):
             ``"gaussian"`` (B = 0, A ~ N(0, 1/r)) or ``False`` (both random, for tests).
         fan_in_fan_out: The base weight is stored ``(in, out)`` (GPT-2's ``Conv1D``); set
             automatically for Conv1D layers.
-        use_dora: Weight-decomposed LoRA. Not available in this version of deltatune.
+        use_dora: Weight-decomposed LoRA (DoRA): a learned magnitude per output row on top of the
+            LoRA direction update; Linear and Conv1D layers.
         layer_replication: Not available in this version of deltatune.
         lora_bias: peft's trainable bias on ``lora_B``; not available in this version of deltatune.
     """
@@ -102,8 +103,6 @@ class LoraConfig(PeftConfig):
             raise ConfigError(f"target_modules entries must be strings, got {self.target_modules!r}")
         if self.layers_to_transform is not None and self.layers_pattern is not None and not self.layers_pattern:
             raise ConfigError("layers_pattern must not be empty when layers_to_transform is set")
-        if self.use_dora:
-            raise ConfigError("use_dora=True is not supported by this version of deltatune yet")
         if self.layer_replication:
             raise ConfigError("layer_replication is not supported by this version of deltatune yet")
         if self.lora_bias:
@@ -128,3 +127,13 @@ class LoraConfig(PeftConfig):
         if isinstance(self.target_modules, list):
             out["target_modules"] = sorted(set(self.target_modules))
         return out
+
+
+@dataclass
+class DoRAConfig(LoraConfig):
+    """Convenience spelling from the seeds: a :class:`LoraConfig` with ``use_dora=True``.
+
+    It saves as a plain LoRA config (``peft_type: LORA``, ``use_dora: true``), exactly as peft writes it.
+    """
+
+    use_dora: bool = True

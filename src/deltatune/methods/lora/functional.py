@@ -133,6 +133,41 @@ def conv_delta_weight(A: Tensor, B: Tensor, scaling: float) -> Tensor:
     return torch.einsum("or,ri...->oi...", B2, A) * scaling
 
 
+def dora_row_norm(W: Tensor, A: Tensor, B: Tensor, scaling: float, fan_in_fan_out: bool = False,
+                  w_sqnorm: Tensor | None = None) -> Tensor:
+    """Per-output-row norm ``||w_i + s b_i A||`` without forming the ``(out, in)`` matrix ``W + s B A``.
+
+    ``||w_i + s b_i A||^2 = ||w_i||^2 + 2 s b_i . (A w_i) + s^2 b_i^T (A A^T) b_i``: extra memory is
+    ``O(out * r + r^2)``. ``w_sqnorm`` (``||w_i||^2``, constant while the base is frozen) may be passed in.
+    Computed in ``A``'s dtype (float32 for half bases); returns ``(out,)``.
+    """
+    rows = (W.t() if fan_in_fan_out else W).to(A.dtype)  # (out, in)
+    if w_sqnorm is None:
+        w_sqnorm = rows.pow(2).sum(1)
+    WA = rows @ A.t()  # (out, r)
+    cross = (B * WA).sum(1)
+    quad = ((B @ (A @ A.t())) * B).sum(1)
+    return (w_sqnorm + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
+
+
+def dora_merged_weight(W: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor,
+                       fan_in_fan_out: bool = False) -> Tensor:
+    """``(m / ||W + dW||) * (W + dW)`` row-wise, in ``W``'s layout (float32 or wider)."""
+    compute = torch.promote_types(W.dtype, torch.float32)
+    scale = (magnitude.to(compute) / norm.to(compute))
+    scale = scale[None, :] if fan_in_fan_out else scale[:, None]
+    return (W.to(compute) + delta.to(compute)) * scale
+
+
+def dora_unmerged_weight(merged: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor,
+                         fan_in_fan_out: bool = False) -> Tensor:
+    """Inverse of :func:`dora_merged_weight` given the ``norm`` used when merging."""
+    compute = torch.promote_types(merged.dtype, torch.float32)
+    scale = (norm.to(compute) / magnitude.to(compute))
+    scale = scale[None, :] if fan_in_fan_out else scale[:, None]
+    return merged.to(compute) * scale - delta.to(compute)
+
+
 def add_delta(weight: Tensor, delta: Tensor, *, sign: float = 1.0, safe: bool = False,
               name: str = "layer") -> Tensor:
     """``weight + sign * delta``, computed in float32 (at least) and cast once to ``weight``'s dtype.

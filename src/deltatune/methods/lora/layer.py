@@ -36,9 +36,12 @@ class LoraAdapter(nn.Module):
         self.r = a_shape[0]
         self.scaling = float(scaling)
         self.dropout = float(dropout)
+        self.register_parameter("lora_magnitude_vector", None)  # DoRA only: (out,)
+        self._norm_cache: Optional[tuple] = None  # (key, ||W + s B A|| per row), see LoraLinear
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout:g}"
+        dora = ", dora" if self.lora_magnitude_vector is not None else ""
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout:g}{dora}"
 
 
 def adapter_dtype(weight: Tensor, autocast_adapter_dtype: bool = True) -> torch.dtype:
@@ -59,6 +62,7 @@ class LoraLayer(nn.Module):
 
     #: Tells checkpoint.py which HF key names this layer's adapter tensors use.
     checkpoint_kind = "lora"
+    supports_dora = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -96,15 +100,23 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ adapter bookkeeping
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0, init=True,
-                    autocast_adapter_dtype: bool = True) -> None:
+                    autocast_adapter_dtype: bool = True, use_dora: bool = False) -> None:
         """Create adapter ``name`` on the base weight's device (and dtype; float32 for half bases)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer")
+        if use_dora and not self.supports_dora:
+            raise TypeError(f"DoRA (use_dora=True) is not available for {type(self.base_layer).__name__} "
+                            "layers in this version; it is for Linear and GPT-2 Conv1D layers")
         weight = self.base_layer.weight
         a_shape, b_shape = self._shapes(r)
         adapter = LoraAdapter(a_shape, b_shape, scaling, dropout, device=weight.device,
                               dtype=adapter_dtype(weight, autocast_adapter_dtype))
         self._init_adapter(adapter, init)
+        if use_dora:
+            # m starts at ||W + s B A|| per output row, so the layer starts as plain LoRA would.
+            with torch.no_grad():
+                norm = self._dora_norm(adapter, use_cache=False)
+            adapter.lora_magnitude_vector = nn.Parameter(norm.to(adapter.lora_A.dtype))
         self.adapters[name] = adapter
 
     def delete_adapter(self, name: str) -> None:
@@ -130,7 +142,10 @@ class LoraLayer(nn.Module):
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         """The tensors that make up adapter ``name`` in this layer, by role (``lora_A``, ``lora_B``)."""
         ad = self.adapters[name]
-        return {"lora_A": ad.lora_A, "lora_B": ad.lora_B}
+        params = {"lora_A": ad.lora_A, "lora_B": ad.lora_B}
+        if ad.lora_magnitude_vector is not None:
+            params["lora_magnitude_vector"] = ad.lora_magnitude_vector
+        return params
 
     # ------------------------------------------------------------------ merging
     def merge(self, names: Optional[Sequence[str]] = None, safe: bool = False) -> None:
@@ -143,20 +158,29 @@ class LoraLayer(nn.Module):
         for name in self.active if names is None else names:
             if name in self.merged or name not in self.adapters:
                 continue
-            new = LF.add_delta(weight, self.delta_weight(name), safe=safe, name=self._label())
             with torch.no_grad():
+                new = self._merged_weight(name, weight)
+                if safe and not torch.isfinite(new).all():
+                    raise ValueError(f"merging adapter {name!r} into {self._label()} produced NaN/inf values; "
+                                     "the weights were left unchanged")
                 weight.copy_(new)
             self.merged.append(name)
         self._refresh()
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter again, last merged first."""
+        """Undo every merged adapter, last merged first."""
         weight = self.base_layer.weight
         while self.merged:
             name = self.merged.pop()
             with torch.no_grad():
-                weight.copy_(LF.add_delta(weight, self.delta_weight(name), sign=-1.0))
+                weight.copy_(self._unmerged_weight(name, weight))
         self._refresh()
+
+    def _merged_weight(self, name: str, weight: Tensor) -> Tensor:
+        return LF.add_delta(weight, self.delta_weight(name))
+
+    def _unmerged_weight(self, name: str, weight: Tensor) -> Tensor:
+        return LF.add_delta(weight, self.delta_weight(name), sign=-1.0)
 
     def _label(self) -> str:
         return type(self.base_layer).__name__
@@ -172,13 +196,62 @@ class LoraLinear(LoraLayer):
     """LoRA on ``nn.Linear`` or transformers' ``Conv1D`` (``fan_in_fan_out``: weight stored ``(in, out)``).
 
     ``y = base(x) + sum_a s_a * B_a A_a drop(x)``, ``x: (..., in)`` -> ``y: (..., out)``.
+
+    DoRA adapters (Liu et al., 2024) rescale each output row to a learned magnitude ``m``:
+    ``y = b + (m / ||W + s B A||) * (W x + s B A drop(x))``. The base output ``W x`` is reused (never
+    recomputed), and the row norm, detached as in the paper (section 4.3), comes from
+    :func:`~deltatune.methods.lora.functional.dora_row_norm` without the dense matrix and is cached
+    until ``A``, ``B`` or ``W`` change (tracked by the tensors' version counters).
     """
+
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
         out_f, in_f = base_layer.weight.shape
         self.in_features, self.out_features = (out_f, in_f) if fan_in_fan_out else (in_f, out_f)
+        self._w_sqnorm: Optional[tuple] = None
+        self._merge_norms: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ DoRA
+    def _base_sqnorm(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        """``||w_i||^2`` per output row, recomputed only when the base weight changes (merge, load)."""
+        key = (weight.data_ptr(), weight._version, dtype)
+        if self._w_sqnorm is None or self._w_sqnorm[0] != key:
+            rows = (weight.t() if self.fan_in_fan_out else weight).to(dtype)
+            self._w_sqnorm = (key, rows.pow(2).sum(1))
+        return self._w_sqnorm[1]
+
+    def _dora_norm(self, ad: LoraAdapter, use_cache: bool = True) -> Tensor:
+        """Detached ``||W + s B A||`` per output row; cached while A, B and W are unchanged."""
+        weight, A, B = self.base_layer.weight, ad.lora_A, ad.lora_B
+        key = (weight.data_ptr(), weight._version, A._version, B._version, A.data_ptr(), B.data_ptr(), ad.scaling)
+        if use_cache and ad._norm_cache is not None and ad._norm_cache[0] == key:
+            return ad._norm_cache[1]
+        with torch.no_grad():
+            norm = LF.dora_row_norm(weight, A, B, ad.scaling, self.fan_in_fan_out,
+                                    self._base_sqnorm(weight, A.dtype))
+        ad._norm_cache = (key, norm)
+        return norm
+
+    def _merged_weight(self, name, weight):
+        ad = self.adapters[name]
+        if ad.lora_magnitude_vector is None:
+            return super()._merged_weight(name, weight)
+        norm = self._dora_norm(ad, use_cache=False)
+        self._merge_norms[name] = norm  # needed to undo the row scaling exactly
+        merged = LF.dora_merged_weight(weight, self.delta_weight(name), ad.lora_magnitude_vector.detach(),
+                                       norm, self.fan_in_fan_out)
+        return merged.to(weight.dtype)
+
+    def _unmerged_weight(self, name, weight):
+        ad = self.adapters[name]
+        if ad.lora_magnitude_vector is None:
+            return super()._unmerged_weight(name, weight)
+        restored = LF.dora_unmerged_weight(weight, self.delta_weight(name), ad.lora_magnitude_vector.detach(),
+                                           self._merge_norms.pop(name), self.fan_in_fan_out)
+        return restored.to(weight.dtype)
 
     def _shapes(self, r):
         return (r, self.in_features), (self.out_features, r)
@@ -195,17 +268,28 @@ class LoraLinear(LoraLayer):
         # nn.Linear does not keep its output for backward, so the adapter can add into it in place
         # (one fused addmm, no out-sized temporary); other bases get an out-of-place add.
         inplace = type(self.base_layer) is nn.Linear and out.is_contiguous() and not autocast
+        base_out = None
         for ad in self._run:
             A, B = ad.lora_A, ad.lora_B
             xa = x if autocast or x.dtype == A.dtype else x.to(A.dtype)
             if ad.dropout > 0.0 and self.training and not autocast:
                 delta = LF.linear_delta_dropout(xa, A, B, ad.scaling, ad.dropout)
-            elif inplace and out.dtype == A.dtype:
+            elif ad.lora_magnitude_vector is None and inplace and out.dtype == A.dtype:
                 hidden = F.linear(xa, A)
                 out.view(-1, out.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), B.t(), alpha=ad.scaling)
                 continue
             else:
                 delta = LF.linear_delta(xa, A, B, ad.scaling, ad.dropout, self.training)
+            if ad.lora_magnitude_vector is not None:
+                if base_out is None:  # W x without the bias, taken before any adapter is added
+                    bias = getattr(self.base_layer, "bias", None)
+                    base_out = out if bias is None else out - bias
+                    inplace = False  # base_out may alias out
+                # peft's additive form, so several active DoRA adapters combine as they do there:
+                # y += (m/n - 1) * W x + (m/n) * s B A drop(x)
+                scale = ad.lora_magnitude_vector / self._dora_norm(ad)
+                out = out + base_out * (scale - 1).to(out.dtype) + (delta * scale).to(out.dtype)
+                continue
             out = out.add_(delta.to(out.dtype)) if inplace else out + delta.to(out.dtype)
         return out
 

@@ -1,0 +1,143 @@
+"""DoRA: the norm without the dense matrix, agreement with peft (outputs, gradients, merges), caching."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+from conftest import main_output, text_inputs, tiny_gpt2_cls, tiny_llama
+from deltatune.methods.lora import functional as LF
+
+
+def _randomize(model, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_row_norm_equals_the_dense_formula(fan_in_fan_out):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(48, 32, generator=g)  # (out, in)
+    A, B = torch.randn(6, 32, generator=g), torch.randn(48, 6, generator=g)
+    s = 1.7
+    dense = (W + s * B @ A).norm(dim=1)
+    stored = W.t().contiguous() if fan_in_fan_out else W
+    torch.testing.assert_close(LF.dora_row_norm(stored, A, B, s, fan_in_fan_out), dense, rtol=1e-5, atol=1e-5)
+
+
+MODELS = [
+    (tiny_llama, dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    (tiny_gpt2_cls, dict(task_type="SEQ_CLS", r=4, target_modules=["c_attn", "c_fc"])),
+]
+
+
+@pytest.mark.parametrize("build,kwargs", MODELS, ids=["llama", "gpt2-conv1d"])
+def test_forward_gradients_and_merge_match_peft(build, kwargs):
+    inputs = text_inputs()
+    pm = peft.get_peft_model(build(), peft.LoraConfig(use_dora=True, init_lora_weights=False, **kwargs))
+    _randomize(pm)
+    dm = dt.get_peft_model(build(), dt.LoraConfig(use_dora=True, **kwargs))
+    dt.set_peft_model_state_dict(dm, peft.get_peft_model_state_dict(pm))
+    pm.eval(), dm.eval()  # eval: the base models' own dropout off; gradients still flow
+    out_p, out_d = main_output(pm(**inputs)), main_output(dm(**inputs))
+    torch.testing.assert_close(out_d, out_p, rtol=0, atol=1e-5)
+    out_p.pow(2).mean().backward()
+    out_d.pow(2).mean().backward()
+    peft_grads = {n.replace(".default", ""): p.grad for n, p in pm.named_parameters() if "lora_" in n}
+    checked = 0
+    for name, p in dm.named_parameters():
+        if ".adapters.default." not in name:
+            continue
+        module, role = name.split(".adapters.default.")
+        key = f"{module}.{role}.weight"
+        torch.testing.assert_close(p.grad, peft_grads[key], rtol=0, atol=1e-4, msg=key)
+        checked += 1
+    assert checked == len(peft_grads) and any("magnitude" in k for k in peft_grads)
+    merged_p = copy.deepcopy(pm).merge_and_unload().state_dict()
+    merged_d = copy.deepcopy(dm).merge_and_unload().state_dict()
+    for key in merged_p:
+        torch.testing.assert_close(merged_d[key], merged_p[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_identity_at_init_and_unmerge_restores():
+    inputs = text_inputs()
+    base = tiny_llama()
+    want = main_output(base(**inputs)).detach()
+    model = dt.get_peft_model(copy.deepcopy(base), dt.DoRAConfig(r=4, target_modules=["q_proj", "o_proj"]))
+    with torch.no_grad():
+        assert torch.equal(main_output(model(**inputs)), want)
+    _randomize(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        unmerged = main_output(model(**inputs))
+        model.merge_adapter()
+        torch.testing.assert_close(main_output(model(**inputs)), unmerged, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_norm_cache_is_reused_and_never_stale(monkeypatch):
+    calls = []
+    real = LF.dora_row_norm
+    monkeypatch.setattr(LF, "dora_row_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = dt.get_peft_model(nn.Sequential(nn.Linear(16, 12)), dt.LoraConfig(r=4, target_modules=["0"], use_dora=True))
+    layer = model.base_model.model[0]
+    ad = layer.adapters["default"]
+    x = torch.randn(5, 16)
+
+    def fresh():  # the formula from scratch, no cache
+        W, b = layer.base_layer.weight, layer.base_layer.bias
+        dense = W + ad.scaling * ad.lora_B @ ad.lora_A
+        return (ad.lora_magnitude_vector / dense.norm(dim=1)) * (x @ dense.t()) + b
+
+    with torch.no_grad():
+        ad.lora_B.add_(0.1)  # in-place change: the cached norm from creation is now stale
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh(), rtol=1e-5, atol=1e-5)
+        for _ in range(2):
+            model(x)
+    assert len(calls) == 1  # computed once, then cached
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    model.train()
+    for _ in range(2):  # optimizer steps change A, B and m in place
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), fresh(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a load replaces the tensors' contents
+        state = {k: v * 1.5 for k, v in dt.get_peft_model_state_dict(model).items()}
+        dt.set_peft_model_state_dict(model, state)
+        torch.testing.assert_close(model(x), fresh(), rtol=1e-5, atol=1e-5)
+        layer.base_layer.weight.mul_(0.5)  # a changed base (e.g. another adapter merged)
+        torch.testing.assert_close(model(x), fresh(), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_training_and_trainable_set():
+    model = dt.get_peft_model(tiny_llama(), dt.DoRAConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+    model.train()
+    inputs = text_inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum("lora_magnitude_vector" in n for n in grads) == 4
+
+
+def test_dora_config_alias_and_unsupported_layers(tmp_path):
+    assert dt.DoRAConfig(target_modules=["q"]).to_dict() == dt.LoraConfig(target_modules=["q"], use_dora=True).to_dict()
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+    with pytest.raises(TypeError, match=r"cannot adapt module '0'.*DoRA"):
+        dt.get_peft_model(model, dt.DoRAConfig(target_modules=["0", "1"]))
+    assert isinstance(model[0], nn.Embedding) and isinstance(model[1], nn.Linear)
