@@ -259,7 +259,45 @@ def group_io(rounds: int) -> list[tuple]:
     return rows
 
 
-GROUPS = {"train": group_train, "infer": group_infer, "memory": group_memory, "setup": group_setup, "io": group_io}
+def group_dora(rounds: int) -> list[tuple]:
+    """DoRA train step / frozen-base step, DoRA decode latency / base decode, DoRA memory / LoRA memory."""
+    import subprocess
+
+    ids = batch(4, 256)
+    models = {"base": adapted("base"), "deltatune": adapted("deltatune", dora=True), "peft": adapted("peft", dora=True)}
+    for m in models.values():
+        m.train()
+    t = best_of({k: train_step_fn(m, ids) for k, m in models.items()}, rounds=rounds, reps=2)
+    rows = [("DoRA train step / frozen-base step (4x256)", t["deltatune"] / t["base"], t["peft"] / t["base"])]
+
+    one = batch(1, 1)
+    decoders = {"base": llama(), "deltatune": adapted("deltatune", dora=True), "peft": adapted("peft", dora=True)}
+    for m in decoders.values():
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.01)
+    d = best_of({k: forward_fn(m, one) for k, m in decoders.items()}, rounds=rounds, reps=20)
+    rows.append(("DoRA decode latency / base decode (1x1, eval)", d["deltatune"] / d["base"], d["peft"] / d["base"]))
+
+    peaks, saved = {}, {}
+    for lib in ("deltatune", "peft"):
+        for dora in (False, True):
+            out = subprocess.run([sys.executable, __file__, "--peak-child", lib, "0.0", str(rounds), str(int(dora))],
+                                 capture_output=True, text=True, check=True)
+            peaks[(lib, dora)] = int(out.stdout.strip().splitlines()[-1])
+            model = adapted(lib, dora=dora).train()
+            saved[(lib, dora)] = saved_activation_bytes(model, ids)
+            del model
+    rows.append(("peak memory DoRA step / LoRA step", peaks[("deltatune", True)] / peaks[("deltatune", False)],
+                 peaks[("peft", True)] / peaks[("peft", False)]))
+    rows.append(("activations saved for backward, DoRA / LoRA", saved[("deltatune", True)] / saved[("deltatune", False)],
+                 saved[("peft", True)] / saved[("peft", False)]))
+    return rows
+
+
+GROUPS = {"train": group_train, "infer": group_infer, "memory": group_memory, "dora": group_dora,
+          "setup": group_setup, "io": group_io}
 
 
 def machine() -> str:
@@ -276,14 +314,14 @@ def table(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def peak_child(lib: str, dropout: float, rounds: int) -> None:
+def peak_child(lib: str, dropout: float, rounds: int, dora: bool = False) -> None:
     """Print the peak memory of one train step of one contender (run in its own process)."""
     import warnings
 
     warnings.filterwarnings("ignore")
     if DEVICE.type == "cpu":
         torch.set_num_threads(2)
-    model = adapted(lib, dropout).train()
+    model = adapted(lib, dropout, dora=dora).train()
     step = train_step_fn(model, batch(4, 256))
     step()
     print(min(_peak_of(step) for _ in range(max(2, rounds // 2))))
@@ -291,7 +329,7 @@ def peak_child(lib: str, dropout: float, rounds: int) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--peak-child":
-        peak_child(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
+        peak_child(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), len(sys.argv) > 5 and sys.argv[5] == "1")
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(GROUPS), help="groups to run (default all)")

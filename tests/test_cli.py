@@ -168,9 +168,10 @@ def test_ab_table(tmp_path, tiny_models, capsys):
             "--seeds", "0", "1", "--epochs", "1", "--output", str(output)]
     assert main(args) == 0
     table = (output / "ab.md").read_text()
-    assert "| head-only" in table and "| lora" in table and "+-" in table
+    assert "| head-only" in table and "| lora" in table and "| dora" in table and "+-" in table
     results = json.loads((output / "ab.json").read_text())["results"]
     assert len(results["lora"]["metric"]) == 2 and results["lora"]["bytes"][0] > 0
+    assert results["dora"]["bytes"][0] > results["lora"]["bytes"][0]  # + the magnitude vectors
 
 
 def test_ddp_two_processes_match_one(tmp_path, tiny_models):

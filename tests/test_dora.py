@@ -141,3 +141,33 @@ def test_dora_config_alias_and_unsupported_layers(tmp_path):
     with pytest.raises(TypeError, match=r"cannot adapt module '0'.*DoRA"):
         dt.get_peft_model(model, dt.DoRAConfig(target_modules=["0", "1"]))
     assert isinstance(model[0], nn.Embedding) and isinstance(model[1], nn.Linear)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_combine_gradients_equal_the_plain_formula(bias):
+    """Output and gradients (x, A, B, m, trainable bias) against y = b + m/||W + sBA|| (W x + s B A x)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 12, bias=bias))
+    with torch.no_grad():
+        if bias:
+            base[0].bias.normal_()
+    model = dt.get_peft_model(base, dt.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True,
+                                                  init_lora_weights=False, bias="lora_only" if bias else "none"))
+    _randomize(model, scale=0.3)
+    layer = model.base_model.model[0]
+    ad = layer.adapters["default"]
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    out = model(x)
+    g = torch.randn_like(out)
+    params = [x, ad.lora_A, ad.lora_B, ad.lora_magnitude_vector] + ([layer.base_layer.bias] if bias else [])
+    grads = torch.autograd.grad(out, params, g)
+
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    xr, A, B, m = ref[:4]
+    W = layer.base_layer.weight.detach()
+    dense = W + ad.scaling * B @ A
+    scale = m / dense.norm(dim=1).detach()
+    want = scale * (xr @ W.t() + ad.scaling * (xr @ A.t()) @ B.t()) + (ref[4] if bias else 0)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for got, exp in zip(grads, torch.autograd.grad(want, ref, g)):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 TASKS = ("seq-cls", "causal-lm")
 # Methods the CLI can train; grows as methods land (each maps to a config factory in train.py).
-METHODS = ("lora",)
+METHODS = ("lora", "dora")
 DEFAULT_TARGETS = {
     "seq-cls": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "causal-lm": "all-linear",

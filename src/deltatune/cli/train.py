@@ -69,9 +69,9 @@ def load_base_model(path: str, task: str, labels: list[str]):
 
 def method_config(o: RunOptions, method: str, base_path: str):
     """The adapter config for a CLI method name."""
-    if method == "lora":
+    if method in ("lora", "dora"):
         return LoraConfig(task_type=TASK_TYPES[o.task], r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
-                          target_modules=o.targets(), base_model_name_or_path=base_path)
+                          target_modules=o.targets(), base_model_name_or_path=base_path, use_dora=method == "dora")
     raise UsageError(f"unknown method {method!r}")
 
 

@@ -150,6 +150,44 @@ def dora_row_norm(W: Tensor, A: Tensor, B: Tensor, scaling: float, fan_in_fan_ou
     return (w_sqnorm + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
 
 
+class _DoraCombine(torch.autograd.Function):
+    """``y = b + scale * (W x + delta)`` from the base output ``out = W x + b`` and the LoRA ``delta``.
+
+    Autograd of the plain expression keeps two out-sized tensors per layer (``W x`` and ``delta``, for
+    the gradient of ``scale``); this keeps only the output ``y`` (which the next op usually keeps
+    anyway: attention keeps q/k/v, the MLP keeps gate/up) and recovers ``W x + delta = (y - b) / scale``
+    in backward. ``scale = m / ||W + s B A||``: ``(out,)``.
+    """
+
+    @staticmethod
+    def forward(ctx, out, delta, scale, bias):
+        y = (out + delta).mul_(scale)  # y = scale * (out + delta) + b (1 - scale)
+        if bias is not None:
+            y.add_(bias * (1 - scale))
+        ctx.save_for_backward(y, scale, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, scale, bias = ctx.saved_tensors
+        grad_in = g * scale
+        grad_scale = grad_bias = None
+        g2 = g.reshape(-1, g.shape[-1])
+        g_sum = g2.sum(0) if bias is not None else None
+        if ctx.needs_input_grad[2]:
+            # dy/dscale = W x + delta = (y - b) / scale, summed over tokens against g
+            gy = (g2 * y.reshape(-1, y.shape[-1])).sum(0)  # (einsum picks a slow bmm here on CPU)
+            grad_scale = (gy if bias is None else gy - bias * g_sum) / scale
+        if bias is not None and ctx.needs_input_grad[3]:
+            grad_bias = g_sum * (1 - scale)  # the direct path; the path through ``out`` gives g * scale
+        return grad_in, grad_in, grad_scale, grad_bias
+
+
+def dora_combine(out: Tensor, delta: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``b + scale * (out - b + delta)`` for one DoRA adapter; ``out`` is the base output with bias."""
+    return _DoraCombine.apply(out, delta, scale, bias)
+
+
 def dora_merged_weight(W: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor,
                        fan_in_fan_out: bool = False) -> Tensor:
     """``(m / ||W + dW||) * (W + dW)`` row-wise, in ``W``'s layout (float32 or wider)."""

@@ -281,13 +281,15 @@ class LoraLinear(LoraLayer):
             else:
                 delta = LF.linear_delta(xa, A, B, ad.scaling, ad.dropout, self.training)
             if ad.lora_magnitude_vector is not None:
+                scale = ad.lora_magnitude_vector / self._dora_norm(ad)
+                bias = getattr(self.base_layer, "bias", None)
+                if len(self._run) == 1 and delta.dtype == out.dtype:
+                    return LF.dora_combine(out, delta, scale.to(out.dtype), bias)
                 if base_out is None:  # W x without the bias, taken before any adapter is added
-                    bias = getattr(self.base_layer, "bias", None)
                     base_out = out if bias is None else out - bias
                     inplace = False  # base_out may alias out
                 # peft's additive form, so several active DoRA adapters combine as they do there:
                 # y += (m/n - 1) * W x + (m/n) * s B A drop(x)
-                scale = ad.lora_magnitude_vector / self._dora_norm(ad)
                 out = out + base_out * (scale - 1).to(out.dtype) + (delta * scale).to(out.dtype)
                 continue
             out = out.add_(delta.to(out.dtype)) if inplace else out + delta.to(out.dtype)
