@@ -98,8 +98,8 @@ def inject(model: nn.Module, config, adapter_name: str, method: Method,
                 raise TypeError(f"cannot adapt module {name!r}: {exc}") from None
             done.append(layer)
     except Exception:
-        for layer in done:
-            layer.delete_adapter(adapter_name)
+        for layer in done:  # undo, not delete: an initialisation may have changed the base weight
+            getattr(layer, "undo_adapter", layer.delete_adapter)(adapter_name)
         raise
     for name, layer in layers.items():
         if layer is not model.get_submodule(name):

@@ -254,9 +254,14 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[Iterable[str]] = None,
-                        safe_serialization: bool = True, **kwargs) -> None:
+                        safe_serialization: bool = True,
+                        path_initial_model_for_weight_conversion: Optional[str] = None, **kwargs) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``; adapters other
-        than ``"default"`` go into a sub-folder named after them (as peft does)."""
+        than ``"default"`` go into a sub-folder named after them (as peft does).
+
+        ``path_initial_model_for_weight_conversion``: the folder a PiSSA/OLoRA adapter was saved to right
+        after initialisation; the adapter is then written as plain LoRA for the original base model.
+        """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file, not a folder")
         if not safe_serialization:
@@ -271,6 +276,10 @@ class PeftModel(nn.Module):
             config = config.replace(inference_mode=True,
                                     base_model_name_or_path=config.base_model_name_or_path or base_name)
             tensors = ckpt.state_dict_for_save(self, name, getattr(config, "bias", "none"))
+            if path_initial_model_for_weight_conversion is not None:
+                initial_dir = path_initial_model_for_weight_conversion
+                initial_dir = initial_dir if name == "default" else os.path.join(initial_dir, name)
+                tensors, config = ckpt.convert_to_plain_lora(tensors, ckpt.read_adapter_weights(initial_dir), config)
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             ckpt.save_adapter_folder(folder, tensors, config)
 

@@ -10,7 +10,12 @@ from ...config import ConfigError, PeftConfig, PeftType, check_number
 from ...targeting import pattern_value
 
 _BIAS_CHOICES = ("none", "all", "lora_only")
-_INIT_CHOICES = (True, False, "gaussian")
+_INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+
+
+def _is_pissa_niter(value) -> bool:
+    """``"pissa_niter_<N>"``: PiSSA through a randomized SVD with N subspace iterations."""
+    return isinstance(value, str) and value.startswith("pissa_niter_") and value[12:].isdigit()
 
 
 @dataclass
@@ -35,7 +40,10 @@ class LoraConfig(PeftConfig):
         use_rslora: Rank-stabilised scaling ``lora_alpha / sqrt(r)`` (Kalajdzievski, 2023).
         modules_to_save: Modules (by name suffix) that are copied and trained in full, e.g. a new head.
         init_lora_weights: ``True`` (B = 0, A Kaiming-uniform: the model starts as the base),
-            ``"gaussian"`` (B = 0, A ~ N(0, 1/r)) or ``False`` (both random, for tests).
+            ``"gaussian"`` (B = 0, A ~ N(0, 1/r)), ``False`` (both random, for tests), or from the base
+            weight with the residual written back into the base: ``"pissa"`` (SVD), ``"pissa_niter_<N>"``
+            (randomized SVD, N iterations) or ``"olora"`` (QR). Save such adapters with
+            ``path_initial_model_for_weight_conversion`` to share them as plain LoRA.
         fan_in_fan_out: The base weight is stored ``(in, out)`` (GPT-2's ``Conv1D``); set
             automatically for Conv1D layers.
         use_dora: Weight-decomposed LoRA (DoRA): a learned magnitude per output row on top of the
@@ -93,10 +101,13 @@ class LoraConfig(PeftConfig):
             check_number(f"alpha_pattern[{key!r}]", value, low=0)
         if self.bias not in _BIAS_CHOICES:
             raise ConfigError(f"bias must be one of {_BIAS_CHOICES}, got {self.bias!r}")
-        if self.init_lora_weights not in _INIT_CHOICES:
+        if self.init_lora_weights not in _INIT_CHOICES and not _is_pissa_niter(self.init_lora_weights):
             raise ConfigError(
-                f"init_lora_weights must be one of {_INIT_CHOICES}, got {self.init_lora_weights!r}"
+                f"init_lora_weights must be one of {_INIT_CHOICES} or 'pissa_niter_<N>', got {self.init_lora_weights!r}"
             )
+        if self.use_dora and self.init_lora_weights in ("pissa", "olora") or (
+                self.use_dora and _is_pissa_niter(self.init_lora_weights)):
+            raise ConfigError("use_dora=True cannot be combined with PiSSA/OLoRA initialisation")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.target_modules, list) and not all(isinstance(t, str) for t in self.target_modules):

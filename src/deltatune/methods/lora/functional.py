@@ -206,6 +206,29 @@ def dora_unmerged_weight(merged: Tensor, delta: Tensor, magnitude: Tensor, norm:
     return merged.to(compute) * scale - delta.to(compute)
 
 
+def pissa_factors(W: Tensor, r: int, scaling: float, niter: int | None = None) -> tuple[Tensor, Tensor]:
+    """PiSSA (Meng et al., 2024): ``A, B`` from the top-``r`` singular triplets of ``W (out, in)``.
+
+    ``W ~ U_r S_r V_r^T``; ``A = sqrt(S_r / s) V_r^T``, ``B = U_r sqrt(S_r / s)`` so ``s B A = U_r S_r V_r^T``.
+    ``niter`` selects the randomized low-rank SVD with that many subspace iterations. Float32.
+    """
+    W = W.float()
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    else:
+        U, S, V = torch.svd_lowrank(W, q=r, niter=niter)
+        Vh = V.t()
+    root = torch.sqrt(S / scaling)
+    return root[:, None] * Vh, U * root[None, :]
+
+
+def olora_factors(W: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """OLoRA (Buyukakyuz, 2024): ``W = Q R``; ``A = R[:r]`` (r, in), ``B = Q[:, :r]`` (out, r). Float32."""
+    Q, R = torch.linalg.qr(W.float())
+    return R[:r].contiguous(), Q[:, :r].contiguous()
+
+
 def add_delta(weight: Tensor, delta: Tensor, *, sign: float = 1.0, safe: bool = False,
               name: str = "layer") -> Tensor:
     """``weight + sign * delta``, computed in float32 (at least) and cast once to ``weight``'s dtype.

@@ -93,6 +93,10 @@ class LoraLayer(nn.Module):
         """The adapter's update in the base weight's layout (float32 or wider)."""
         raise NotImplementedError
 
+    def _init_from_base(self, adapter: LoraAdapter, mode: str) -> None:
+        raise TypeError(f"init_lora_weights={mode!r} is available for Linear and Conv1D layers only, "
+                        f"not {type(self.base_layer).__name__}")
+
     @property
     def weight(self) -> Tensor:
         """The base layer's weight (so code reading ``layer.weight`` keeps working)."""
@@ -111,7 +115,10 @@ class LoraLayer(nn.Module):
         a_shape, b_shape = self._shapes(r)
         adapter = LoraAdapter(a_shape, b_shape, scaling, dropout, device=weight.device,
                               dtype=adapter_dtype(weight, autocast_adapter_dtype))
-        self._init_adapter(adapter, init)
+        if isinstance(init, str) and init.startswith(("pissa", "olora")):
+            self._init_from_base(adapter, init)
+        else:
+            self._init_adapter(adapter, init)
         if use_dora:
             # m starts at ||W + s B A|| per output row, so the layer starts as plain LoRA would.
             with torch.no_grad():
@@ -124,6 +131,15 @@ class LoraLayer(nn.Module):
             raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
         del self.adapters[name]
         self.set_active([n for n in self.active if n != name])
+
+    def undo_adapter(self, name: str) -> None:
+        """Remove an adapter that was *just* created (a failed injection): unlike delete_adapter, also
+        gives the base back what a PiSSA/OLoRA initialisation took from it."""
+        ad = self.adapters[name]
+        if getattr(ad, "wrote_residual", False):
+            with torch.no_grad():
+                self.base_layer.weight.copy_(LF.add_delta(self.base_layer.weight, self.delta_weight(name)))
+        self.delete_adapter(name)
 
     def set_active(self, names: Sequence[str]) -> None:
         """Run the named adapters (those this layer has; others are ignored), summing their deltas."""
@@ -213,6 +229,24 @@ class LoraLinear(LoraLayer):
         self.in_features, self.out_features = (out_f, in_f) if fan_in_fan_out else (in_f, out_f)
         self._w_sqnorm: Optional[tuple] = None
         self._merge_norms: dict[str, Tensor] = {}
+
+    def _init_from_base(self, adapter: LoraAdapter, mode: str) -> None:
+        """PiSSA / OLoRA: factors from the base weight; the residual ``W - s B A`` replaces the base."""
+        weight = self.base_layer.weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"init_lora_weights={mode!r} needs a float base weight, got {weight.dtype}")
+        rows = (weight.t() if self.fan_in_fan_out else weight).float()  # (out, in)
+        if mode == "olora":
+            A, B = LF.olora_factors(rows, adapter.r)
+        else:
+            niter = int(mode[len("pissa_niter_"):]) if mode.startswith("pissa_niter_") else None
+            A, B = LF.pissa_factors(rows, adapter.r, adapter.scaling, niter)
+        residual = rows - adapter.scaling * (B @ A)
+        with torch.no_grad():
+            adapter.lora_A.copy_(A)
+            adapter.lora_B.copy_(B)
+            weight.copy_((residual.t() if self.fan_in_fan_out else residual).to(weight.dtype))
+        adapter.wrote_residual = True  # see undo_adapter
 
     # ------------------------------------------------------------------ DoRA
     def _base_sqnorm(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
