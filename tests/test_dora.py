@@ -135,12 +135,58 @@ def test_dropout_training_and_trainable_set():
     assert sum("lora_magnitude_vector" in n for n in grads) == 4
 
 
-def test_dora_config_alias_and_unsupported_layers(tmp_path):
+def test_dora_config_alias():
     assert dt.DoRAConfig(target_modules=["q"]).to_dict() == dt.LoraConfig(target_modules=["q"], use_dora=True).to_dict()
-    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
-    with pytest.raises(TypeError, match=r"cannot adapt module '0'.*DoRA"):
-        dt.get_peft_model(model, dt.DoRAConfig(target_modules=["0", "1"]))
-    assert isinstance(model[0], nn.Embedding) and isinstance(model[1], nn.Linear)
+
+
+class _EmbConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.conv = nn.Conv1d(6, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, ids):
+        h = self.conv(self.emb(ids).transpose(1, 2))  # (N, 8, L)
+        return self.conv2(h[..., None]).squeeze(-1)
+
+
+def test_embedding_and_conv_dora_match_peft():
+    def build():
+        torch.manual_seed(0)
+        return _EmbConv()
+
+    ids = torch.randint(0, 20, (3, 7), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(r=3, lora_alpha=6, target_modules=["emb", "conv", "conv2"], use_dora=True)
+    pm = peft.get_peft_model(build(), peft.LoraConfig(init_lora_weights=False, **kwargs))
+    _randomize(pm, scale=0.2)
+    dm = dt.get_peft_model(build(), dt.LoraConfig(**kwargs))
+    dt.set_peft_model_state_dict(dm, peft.get_peft_model_state_dict(pm))
+    out_p, out_d = pm(ids), dm(ids)
+    torch.testing.assert_close(out_d, out_p, rtol=0, atol=1e-5)
+    out_p.pow(2).mean().backward()
+    out_d.pow(2).mean().backward()
+    theirs = {n.replace(".default", ""): p.grad for n, p in pm.named_parameters() if p.grad is not None}
+    names = {"lora_A": ["lora_A.weight", "lora_embedding_A"], "lora_B": ["lora_B.weight", "lora_embedding_B"],
+             "lora_magnitude_vector": ["lora_magnitude_vector.weight"]}
+    for name, p in dm.named_parameters():
+        if p.grad is None:
+            continue
+        module, role = name.split(".adapters.default.")
+        key = next(f"{module}.{k}" for k in names[role] if f"{module}.{k}" in theirs)
+        torch.testing.assert_close(p.grad, theirs[key], rtol=0, atol=1e-4, msg=key)
+        assert p.grad.abs().max() > 1e-3, key  # a real gradient, not a trivially small one
+    with torch.no_grad():
+        merged_p, merged_d = copy.deepcopy(pm).merge_and_unload(), copy.deepcopy(dm).merge_and_unload()
+        torch.testing.assert_close(merged_d(ids), merged_p(ids), rtol=0, atol=1e-5)
+        for key, value in merged_p.state_dict().items():
+            torch.testing.assert_close(merged_d.state_dict()[key], value, rtol=0, atol=1e-5, msg=key)
+        before = {k: v.clone() for k, v in dm.state_dict().items()}
+        dm.merge_adapter()
+        torch.testing.assert_close(dm(ids), out_d, rtol=1e-5, atol=1e-5)
+        dm.unmerge_adapter()
+        for k, v in dm.state_dict().items():
+            torch.testing.assert_close(v, before[k], rtol=0, atol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("bias", [True, False])

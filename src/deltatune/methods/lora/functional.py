@@ -156,53 +156,57 @@ class _DoraCombine(torch.autograd.Function):
     Autograd of the plain expression keeps two out-sized tensors per layer (``W x`` and ``delta``, for
     the gradient of ``scale``); this keeps only the output ``y`` (which the next op usually keeps
     anyway: attention keeps q/k/v, the MLP keeps gate/up) and recovers ``W x + delta = (y - b) / scale``
-    in backward. ``scale = m / ||W + s B A||``: ``(out,)``.
+    in backward. ``scale = m / ||W + s B A||`` and ``b`` are ``(C,)`` along the channel dimension ``ch``.
     """
 
     @staticmethod
-    def forward(ctx, out, delta, scale, bias):
-        y = (out + delta).mul_(scale)  # y = scale * (out + delta) + b (1 - scale)
+    def forward(ctx, out, delta, scale, bias, ch: int):
+        view = [1] * out.dim()
+        view[ch] = -1
+        y = (out + delta).mul_(scale.view(view))  # y = scale * (out + delta) + b (1 - scale)
         if bias is not None:
-            y.add_(bias * (1 - scale))
+            y.add_((bias * (1 - scale)).view(view))
         ctx.save_for_backward(y, scale, bias)
+        ctx.view, ctx.reduce = view, [d for d in range(out.dim()) if d != ch]
         return y
 
     @staticmethod
     def backward(ctx, g):
         y, scale, bias = ctx.saved_tensors
-        grad_in = g * scale
+        grad_in = g * scale.view(ctx.view)
         grad_scale = grad_bias = None
-        g2 = g.reshape(-1, g.shape[-1])
-        g_sum = g2.sum(0) if bias is not None else None
+        g_sum = g.sum(ctx.reduce) if bias is not None else None
         if ctx.needs_input_grad[2]:
-            # dy/dscale = W x + delta = (y - b) / scale, summed over tokens against g
-            gy = (g2 * y.reshape(-1, y.shape[-1])).sum(0)  # (einsum picks a slow bmm here on CPU)
+            # dy/dscale = W x + delta = (y - b) / scale, summed against g over all but the channel dim
+            gy = (g * y).sum(ctx.reduce)
             grad_scale = (gy if bias is None else gy - bias * g_sum) / scale
         if bias is not None and ctx.needs_input_grad[3]:
             grad_bias = g_sum * (1 - scale)  # the direct path; the path through ``out`` gives g * scale
-        return grad_in, grad_in, grad_scale, grad_bias
+        return grad_in, grad_in, grad_scale, grad_bias, None
 
 
-def dora_combine(out: Tensor, delta: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+def dora_combine(out: Tensor, delta: Tensor, scale: Tensor, bias: Tensor | None, ch: int = -1) -> Tensor:
     """``b + scale * (out - b + delta)`` for one DoRA adapter; ``out`` is the base output with bias."""
-    return _DoraCombine.apply(out, delta, scale, bias)
+    return _DoraCombine.apply(out, delta, scale, bias, ch % out.dim())
 
 
-def dora_merged_weight(W: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor,
-                       fan_in_fan_out: bool = False) -> Tensor:
-    """``(m / ||W + dW||) * (W + dW)`` row-wise, in ``W``'s layout (float32 or wider)."""
+def _along(v: Tensor, like: Tensor, dim: int) -> Tensor:
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return v.view(shape)
+
+
+def dora_merged_weight(W: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor, out_dim: int = 0) -> Tensor:
+    """``(m / ||W + dW||) * (W + dW)`` per output channel (dimension ``out_dim`` of ``W``), float32 or wider."""
     compute = torch.promote_types(W.dtype, torch.float32)
-    scale = (magnitude.to(compute) / norm.to(compute))
-    scale = scale[None, :] if fan_in_fan_out else scale[:, None]
+    scale = _along(magnitude.to(compute) / norm.to(compute), W, out_dim)
     return (W.to(compute) + delta.to(compute)) * scale
 
 
-def dora_unmerged_weight(merged: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor,
-                         fan_in_fan_out: bool = False) -> Tensor:
+def dora_unmerged_weight(merged: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor, out_dim: int = 0) -> Tensor:
     """Inverse of :func:`dora_merged_weight` given the ``norm`` used when merging."""
     compute = torch.promote_types(merged.dtype, torch.float32)
-    scale = (norm.to(compute) / magnitude.to(compute))
-    scale = scale[None, :] if fan_in_fan_out else scale[:, None]
+    scale = _along(norm.to(compute) / magnitude.to(compute), merged, out_dim)
     return merged.to(compute) * scale - delta.to(compute)
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as LF
+from .dora import DoraState, add_dora
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -62,7 +63,9 @@ class LoraLayer(nn.Module):
 
     #: Tells checkpoint.py which HF key names this layer's adapter tensors use.
     checkpoint_kind = "lora"
-    supports_dora = False
+    #: Output channel dimension (of the forward output, and of the base weight) for DoRA.
+    _channel_dim = -1
+    _weight_out_dim = 0
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -72,6 +75,7 @@ class LoraLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self._run: list[LoraAdapter] = []
+        self._dora = DoraState()
 
     # ------------------------------------------------------------------ subclass interface
     def _shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -108,9 +112,6 @@ class LoraLayer(nn.Module):
         """Create adapter ``name`` on the base weight's device (and dtype; float32 for half bases)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer")
-        if use_dora and not self.supports_dora:
-            raise TypeError(f"DoRA (use_dora=True) is not available for {type(self.base_layer).__name__} "
-                            "layers in this version; it is for Linear and GPT-2 Conv1D layers")
         weight = self.base_layer.weight
         a_shape, b_shape = self._shapes(r)
         adapter = LoraAdapter(a_shape, b_shape, scaling, dropout, device=weight.device,
@@ -122,8 +123,8 @@ class LoraLayer(nn.Module):
         if use_dora:
             # m starts at ||W + s B A|| per output row, so the layer starts as plain LoRA would.
             with torch.no_grad():
-                norm = self._dora_norm(adapter, use_cache=False)
-            adapter.lora_magnitude_vector = nn.Parameter(norm.to(adapter.lora_A.dtype))
+                norm = self._dora.norm(self, adapter, use_cache=False)
+            adapter.lora_magnitude_vector = nn.Parameter(norm.to(adapter.lora_A.dtype).reshape(self._magnitude_shape()))
         self.adapters[name] = adapter
 
     def delete_adapter(self, name: str) -> None:
@@ -193,10 +194,24 @@ class LoraLayer(nn.Module):
         self._refresh()
 
     def _merged_weight(self, name: str, weight: Tensor) -> Tensor:
+        if self.adapters[name].lora_magnitude_vector is not None:
+            return self._dora.merged_weight(self, name, weight)
         return LF.add_delta(weight, self.delta_weight(name))
 
     def _unmerged_weight(self, name: str, weight: Tensor) -> Tensor:
+        if self.adapters[name].lora_magnitude_vector is not None:
+            return self._dora.unmerged_weight(self, name, weight)
         return LF.add_delta(weight, self.delta_weight(name), sign=-1.0)
+
+    def _magnitude_shape(self) -> tuple[int, ...]:
+        """Shape of the DoRA magnitude as peft stores it: ``(out,)``; convolutions override."""
+        return (-1,)
+
+    def _dora_views(self, ad: LoraAdapter) -> tuple[Tensor, Tensor, Tensor]:
+        """``(W rows (out, k), A (r, k), B (out, r))`` for the DoRA norm (default: 2-D A and B)."""
+        weight = self.base_layer.weight
+        rows = weight.t() if self._weight_out_dim == 1 else weight.reshape(weight.shape[0], -1)
+        return rows, ad.lora_A.reshape(ad.r, -1), ad.lora_B.reshape(-1, ad.r)
 
     def _label(self) -> str:
         return type(self.base_layer).__name__
@@ -220,15 +235,12 @@ class LoraLinear(LoraLayer):
     until ``A``, ``B`` or ``W`` change (tracked by the tensors' version counters).
     """
 
-    supports_dora = True
-
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
+        self._weight_out_dim = 1 if fan_in_fan_out else 0
         out_f, in_f = base_layer.weight.shape
         self.in_features, self.out_features = (out_f, in_f) if fan_in_fan_out else (in_f, out_f)
-        self._w_sqnorm: Optional[tuple] = None
-        self._merge_norms: dict[str, Tensor] = {}
 
     def _init_from_base(self, adapter: LoraAdapter, mode: str) -> None:
         """PiSSA / OLoRA: factors from the base weight; the residual ``W - s B A`` replaces the base."""
@@ -248,45 +260,6 @@ class LoraLinear(LoraLayer):
             weight.copy_((residual.t() if self.fan_in_fan_out else residual).to(weight.dtype))
         adapter.wrote_residual = True  # see undo_adapter
 
-    # ------------------------------------------------------------------ DoRA
-    def _base_sqnorm(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
-        """``||w_i||^2`` per output row, recomputed only when the base weight changes (merge, load)."""
-        key = (weight.data_ptr(), weight._version, dtype)
-        if self._w_sqnorm is None or self._w_sqnorm[0] != key:
-            rows = (weight.t() if self.fan_in_fan_out else weight).to(dtype)
-            self._w_sqnorm = (key, rows.pow(2).sum(1))
-        return self._w_sqnorm[1]
-
-    def _dora_norm(self, ad: LoraAdapter, use_cache: bool = True) -> Tensor:
-        """Detached ``||W + s B A||`` per output row; cached while A, B and W are unchanged."""
-        weight, A, B = self.base_layer.weight, ad.lora_A, ad.lora_B
-        key = (weight.data_ptr(), weight._version, A._version, B._version, A.data_ptr(), B.data_ptr(), ad.scaling)
-        if use_cache and ad._norm_cache is not None and ad._norm_cache[0] == key:
-            return ad._norm_cache[1]
-        with torch.no_grad():
-            norm = LF.dora_row_norm(weight, A, B, ad.scaling, self.fan_in_fan_out,
-                                    self._base_sqnorm(weight, A.dtype))
-        ad._norm_cache = (key, norm)
-        return norm
-
-    def _merged_weight(self, name, weight):
-        ad = self.adapters[name]
-        if ad.lora_magnitude_vector is None:
-            return super()._merged_weight(name, weight)
-        norm = self._dora_norm(ad, use_cache=False)
-        self._merge_norms[name] = norm  # needed to undo the row scaling exactly
-        merged = LF.dora_merged_weight(weight, self.delta_weight(name), ad.lora_magnitude_vector.detach(),
-                                       norm, self.fan_in_fan_out)
-        return merged.to(weight.dtype)
-
-    def _unmerged_weight(self, name, weight):
-        ad = self.adapters[name]
-        if ad.lora_magnitude_vector is None:
-            return super()._unmerged_weight(name, weight)
-        restored = LF.dora_unmerged_weight(weight, self.delta_weight(name), ad.lora_magnitude_vector.detach(),
-                                           self._merge_norms.pop(name), self.fan_in_fan_out)
-        return restored.to(weight.dtype)
-
     def _shapes(self, r):
         return (r, self.in_features), (self.out_features, r)
 
@@ -302,7 +275,7 @@ class LoraLinear(LoraLayer):
         # nn.Linear does not keep its output for backward, so the adapter can add into it in place
         # (one fused addmm, no out-sized temporary); other bases get an out-of-place add.
         inplace = type(self.base_layer) is nn.Linear and out.is_contiguous() and not autocast
-        base_out = None
+        dora_state: dict = {}
         for ad in self._run:
             A, B = ad.lora_A, ad.lora_B
             xa = x if autocast or x.dtype == A.dtype else x.to(A.dtype)
@@ -315,16 +288,8 @@ class LoraLinear(LoraLayer):
             else:
                 delta = LF.linear_delta(xa, A, B, ad.scaling, ad.dropout, self.training)
             if ad.lora_magnitude_vector is not None:
-                scale = ad.lora_magnitude_vector / self._dora_norm(ad)
-                bias = getattr(self.base_layer, "bias", None)
-                if len(self._run) == 1 and delta.dtype == out.dtype:
-                    return LF.dora_combine(out, delta, scale.to(out.dtype), bias)
-                if base_out is None:  # W x without the bias, taken before any adapter is added
-                    base_out = out if bias is None else out - bias
-                    inplace = False  # base_out may alias out
-                # peft's additive form, so several active DoRA adapters combine as they do there:
-                # y += (m/n - 1) * W x + (m/n) * s B A drop(x)
-                out = out + base_out * (scale - 1).to(out.dtype) + (delta * scale).to(out.dtype)
+                out = add_dora(self, out, delta.to(out.dtype), ad, dora_state)
+                inplace = False  # ``W x`` kept in dora_state may alias out
                 continue
             out = out.add_(delta.to(out.dtype)) if inplace else out + delta.to(out.dtype)
         return out
@@ -334,6 +299,7 @@ class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding``: ``y = E[ids] + s * (A^T[ids]) B^T``; ``ids: (...)`` -> ``(..., dim)``."""
 
     checkpoint_kind = "lora_embedding"
+    _weight_out_dim = 1  # DoRA normalises each embedding dimension over the vocabulary
 
     def _shapes(self, r):
         num, dim = self.base_layer.weight.shape
@@ -356,10 +322,14 @@ class LoraEmbedding(LoraLayer):
     def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(ids, *args, **kwargs)
         base = self.base_layer
+        dora_state: dict = {}
         for ad in self._run:
             delta = LF.embedding_delta(ids, ad.lora_A, ad.lora_B, ad.scaling, base.padding_idx,
                                        base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-            out = out + delta.to(out.dtype)
+            if ad.lora_magnitude_vector is not None:
+                out = add_dora(self, out, delta.to(out.dtype), ad, dora_state)
+            else:
+                out = out + delta.to(out.dtype)
         return out
 
 
@@ -370,6 +340,8 @@ class LoraConv(LoraLayer):
     """LoRA on ``nn.Conv1d/2d/3d``: ``A`` is a conv with the base kernel/stride/padding into ``r``
     channels, ``B`` a 1x1 conv back to ``out`` channels. ``x: (N, in, *S)`` -> ``(N, out, *S')``."""
 
+    _channel_dim = 1
+
     def __init__(self, base_layer: nn.Module):
         if base_layer.groups != 1:
             raise TypeError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
@@ -377,6 +349,9 @@ class LoraConv(LoraLayer):
             raise TypeError(f"LoRA on convolutions with padding_mode={base_layer.padding_mode!r} is not supported")
         super().__init__(base_layer)
         self._conv = _CONV_FN[base_layer.weight.dim() - 2]
+
+    def _magnitude_shape(self):
+        return (1, -1) + (1,) * (self.base_layer.weight.dim() - 2)  # peft keeps (1, out, 1, ...)
 
     def _shapes(self, r):
         out_c, in_c, *kernel = self.base_layer.weight.shape
@@ -389,11 +364,15 @@ class LoraConv(LoraLayer):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
         b = self.base_layer
+        dora_state: dict = {}
         for ad in self._run:
             xa = self._cast_input(x, ad.lora_A.dtype)
             delta = LF.conv_delta(xa, ad.lora_A, ad.lora_B, ad.scaling, self._conv, b.stride, b.padding,
                                   b.dilation, ad.dropout, self.training)
-            out = out + delta.to(out.dtype)
+            if ad.lora_magnitude_vector is not None:
+                out = add_dora(self, out, delta.to(out.dtype), ad, dora_state)
+            else:
+                out = out + delta.to(out.dtype)
         return out
 
 
