@@ -13,6 +13,7 @@ from torch import nn
 
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import Method, adapter_layer_types
+from .replication import replicate_layers
 from .targeting import TargetError, is_target, matches, no_match_message
 
 
@@ -74,7 +75,25 @@ def find_targets(model: nn.Module, config, method: Method) -> list[str]:
 
 def inject(model: nn.Module, config, adapter_name: str, method: Method,
            autocast_adapter_dtype: bool = True) -> list[str]:
-    """Add adapter ``adapter_name`` to every module ``config`` targets; return their names."""
+    """Add adapter ``adapter_name`` to every module ``config`` targets; return their names.
+
+    A ``layer_replication`` map rebuilds the layer stack first (undone again if injection fails).
+    """
+    undo = None
+    if getattr(config, "layer_replication", None) and not getattr(model, "_deltatune_replicated", False):
+        undo = replicate_layers(model, config.layer_replication)
+    try:
+        names = _inject(model, config, adapter_name, method, autocast_adapter_dtype)
+    except Exception:
+        if undo is not None:
+            undo()
+        raise
+    if undo is not None:
+        model._deltatune_replicated = True
+    return names
+
+
+def _inject(model, config, adapter_name, method, autocast_adapter_dtype) -> list[str]:
     names = find_targets(model, config, method)
     layers = {}
     for name in names:

@@ -48,7 +48,8 @@ class LoraConfig(PeftConfig):
             automatically for Conv1D layers.
         use_dora: Weight-decomposed LoRA (DoRA): a learned magnitude per output row on top of the
             LoRA direction update; Linear and Conv1D layers.
-        layer_replication: Not available in this version of deltatune.
+        layer_replication: ``[[start, end), ...]`` ranges of layers to stack, e.g. ``[[0, 4], [2, 5]]``
+            gives layers 0,1,2,3,2,3,4; repeated layers share base weights and get their own adapters.
         lora_bias: peft's trainable bias on ``lora_B``; not available in this version of deltatune.
     """
 
@@ -114,8 +115,10 @@ class LoraConfig(PeftConfig):
             raise ConfigError(f"target_modules entries must be strings, got {self.target_modules!r}")
         if self.layers_to_transform is not None and self.layers_pattern is not None and not self.layers_pattern:
             raise ConfigError("layers_pattern must not be empty when layers_to_transform is set")
-        if self.layer_replication:
-            raise ConfigError("layer_replication is not supported by this version of deltatune yet")
+        if self.layer_replication is not None and not (
+                isinstance(self.layer_replication, list)
+                and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in self.layer_replication)):
+            raise ConfigError(f"layer_replication must be a list of [start, end] pairs, got {self.layer_replication!r}")
         if self.lora_bias:
             raise ConfigError("lora_bias=True is not supported by this version of deltatune")
 

@@ -1,0 +1,75 @@
+"""Layer replication: shared base weights, own adapters per position, peft-compatible checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import peft
+import pytest
+import torch
+
+import deltatune as dt
+from conftest import VOCAB, main_output, text_inputs
+
+
+def llama4():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
+
+
+MAP = [[0, 3], [1, 4]]  # -> layers 0 1 2 1 2 3
+KW = dict(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], layer_replication=MAP)
+
+
+def _randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_structure_shares_base_weights():
+    base = llama4()
+    n_base = sum(p.numel() for p in base.parameters())
+    model = dt.get_peft_model(base, dt.LoraConfig(**KW))
+    layers = model.base_model.model.model.layers
+    assert len(layers) == 6 and base.config.num_hidden_layers == 6
+    assert [l.self_attn.layer_idx for l in layers] == list(range(6))
+    assert layers[1].self_attn.q_proj.base_layer.weight is layers[3].self_attn.q_proj.base_layer.weight
+    assert layers[1].self_attn.q_proj.adapters["default"].lora_A is not layers[3].self_attn.q_proj.adapters["default"].lora_A
+    n_total = sum(p.numel() for p in model.parameters())
+    n_adapters = 6 * 2 * (4 * 32 + 4 * 32)
+    n_adapters -= 6 * (4 * 32 + 4 * 32) - 6 * (4 * 32 + 16 * 4)  # v_proj is 32 -> 16
+    assert n_total == n_base + n_adapters
+
+
+@pytest.mark.parametrize("direction", ["peft->deltatune", "deltatune->peft"])
+def test_checkpoints_round_trip_with_peft(direction, tmp_path):
+    inputs = text_inputs()
+    lib_from, lib_to = (peft, dt) if direction == "peft->deltatune" else (dt, peft)
+    source = lib_from.get_peft_model(llama4(), lib_from.LoraConfig(**KW))
+    _randomize(source, 1)
+    source.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        want = main_output(source(**inputs))
+    target = lib_to.PeftModel.from_pretrained(llama4(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(target(**inputs)), want, rtol=0, atol=1e-5)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(target.generate(**text_inputs(batch=1, seq=4), **kwargs),
+                       source.generate(**text_inputs(batch=1, seq=4), **kwargs))
+
+
+def test_bad_map_changes_nothing():
+    base = llama4()
+    with pytest.raises(ValueError, match=r"\[2, 9\]"):
+        dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["q_proj"], layer_replication=[[0, 2], [2, 9]]))
+    assert len(base.model.layers) == 4 and base.config.num_hidden_layers == 4
+    with pytest.raises(dt.TargetError):
+        dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["nope"], layer_replication=MAP))
+    assert len(base.model.layers) == 4 and base.config.num_hidden_layers == 4
+    assert [l.self_attn.layer_idx for l in base.model.layers] == [0, 1, 2, 3]
