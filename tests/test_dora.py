@@ -217,3 +217,33 @@ def test_fused_combine_gradients_equal_the_plain_formula(bias):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     for got, exp in zip(grads, torch.autograd.grad(want, ref, g)):
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+
+
+def test_two_active_dora_adapters_match_peft():
+    inputs = text_inputs()
+    first = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    second = dict(r=2, lora_alpha=4, target_modules=["v_proj", "o_proj"], use_dora=True)
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(init_lora_weights=False, **first))
+    pm.add_adapter("b", peft.LoraConfig(init_lora_weights=False, **second))
+    pm.base_model.set_adapter(["default", "b"])
+    _randomize(pm)
+    dm = dt.get_peft_model(tiny_llama(), dt.LoraConfig(**first))
+    dm.add_adapter("b", dt.LoraConfig(**second))
+    for name in ("default", "b"):
+        dt.set_peft_model_state_dict(dm, peft.get_peft_model_state_dict(pm, adapter_name=name), adapter_name=name)
+    dm.set_adapter(["default", "b"])
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(dm(**inputs)), main_output(pm(**inputs)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(main_output(dm(**inputs)), main_output(pm(**inputs)), rtol=0, atol=1e-5)
+
+
+def test_dora_then_lora_on_one_layer_trains():
+    """A DoRA adapter followed by a plain LoRA adapter on the same layers (both active) trains."""
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
+                                                          init_lora_weights=False))
+    model.add_adapter("plain", dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.set_adapter(["default", "plain"])
+    model.train()
+    inputs = text_inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

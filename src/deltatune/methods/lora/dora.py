@@ -54,21 +54,36 @@ class DoraState:
         return restored.to(weight.dtype)
 
 
-def add_dora(layer, out: Tensor, delta: Tensor, ad, state: dict) -> Tensor:
-    """Add one DoRA adapter's contribution to ``out`` (the base output, plus earlier adapters).
+def add_dora(layer, out: Tensor, delta: Tensor, ad) -> Tensor:
+    """Apply one DoRA adapter to ``out`` (the base output, plus adapters applied before this one):
+    ``y = b + scale * (out - b + delta)``.
 
-    A lone adapter uses the fused combine (only the output kept for backward); several active adapters
-    use peft's additive form ``y += (m/n - 1) * W x + (m/n) * delta`` so they combine as they do there.
-    ``state`` carries ``W x`` (without bias) between adapters of one forward call.
+    With several active adapters each one rescales what the ones before it produced, in the active
+    order, which is how peft combines them. Only ``y`` is kept for backward (see ``dora_combine``).
     """
-    ch = layer._channel_dim % out.dim()
-    view = [1] * out.dim()
-    view[ch] = -1
     scale = (ad.lora_magnitude_vector.reshape(-1) / layer._dora.norm(layer, ad)).to(out.dtype)
-    bias = getattr(layer.base_layer, "bias", None)
-    if len(layer._run) == 1 and delta.dtype == out.dtype:
-        return LF.dora_combine(out, delta, scale, bias, ch)
-    if "base_out" not in state:
-        state["base_out"] = out if bias is None else out - bias.view(view)
-    scale = scale.view(view)
-    return out + state["base_out"] * (scale - 1) + delta * scale
+    return LF.dora_combine(out, delta, scale, getattr(layer.base_layer, "bias", None), layer._channel_dim)
+
+
+def dora_inference_(layer, out: Tensor, hidden: Tensor, ad) -> Tensor:
+    """No-grad fast path of :func:`add_dora` for linear layers, in place on ``out``.
+
+    ``out += s * hidden @ B^T`` (one addmm), then ``out = out * scale + b (1 - scale)`` with ``scale`` and
+    the bias term cached until A, B, m or W change: four kernels per call, as cheap as decoding allows.
+    """
+    m = ad.lora_magnitude_vector
+    norm = layer._dora.norm(layer, ad)
+    key = (ad._norm_cache[0], m._version, m.data_ptr(), out.dtype)  # the norm's own key: versions of A, B, W
+    cached = getattr(ad, "_scale_cache", None)
+    if cached is None or cached[0] != key:
+        scale = (m.reshape(-1) / norm).to(out.dtype)
+        bias = getattr(layer.base_layer, "bias", None)
+        shift = None if bias is None else (bias * (1 - scale)).to(out.dtype)
+        cached = ad._scale_cache = (key, scale, shift)
+    _, scale, shift = cached
+    flat = out.view(-1, out.shape[-1])
+    flat.addmm_(hidden.reshape(-1, hidden.shape[-1]).to(out.dtype), ad.lora_B.t().to(out.dtype), alpha=ad.scaling)
+    flat.mul_(scale)
+    if shift is not None:
+        flat.add_(shift)
+    return out

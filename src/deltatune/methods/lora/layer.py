@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as LF
-from .dora import DoraState, add_dora
+from .dora import DoraState, add_dora, dora_inference_
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -275,12 +275,15 @@ class LoraLinear(LoraLayer):
         # nn.Linear does not keep its output for backward, so the adapter can add into it in place
         # (one fused addmm, no out-sized temporary); other bases get an out-of-place add.
         inplace = type(self.base_layer) is nn.Linear and out.is_contiguous() and not autocast
-        dora_state: dict = {}
         for ad in self._run:
             A, B = ad.lora_A, ad.lora_B
             xa = x if autocast or x.dtype == A.dtype else x.to(A.dtype)
             if ad.dropout > 0.0 and self.training and not autocast:
                 delta = LF.linear_delta_dropout(xa, A, B, ad.scaling, ad.dropout)
+            elif (ad.lora_magnitude_vector is not None and not torch.is_grad_enabled()
+                  and out.is_contiguous() and not autocast):
+                out = dora_inference_(self, out, F.linear(xa, A), ad)
+                continue
             elif ad.lora_magnitude_vector is None and inplace and out.dtype == A.dtype:
                 hidden = F.linear(xa, A)
                 out.view(-1, out.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), B.t(), alpha=ad.scaling)
@@ -288,8 +291,8 @@ class LoraLinear(LoraLayer):
             else:
                 delta = LF.linear_delta(xa, A, B, ad.scaling, ad.dropout, self.training)
             if ad.lora_magnitude_vector is not None:
-                out = add_dora(self, out, delta.to(out.dtype), ad, dora_state)
-                inplace = False  # ``W x`` kept in dora_state may alias out
+                out = add_dora(self, out, delta.to(out.dtype), ad)
+                inplace = False  # the DoRA output is kept for backward: no in-place adds after it
                 continue
             out = out.add_(delta.to(out.dtype)) if inplace else out + delta.to(out.dtype)
         return out
@@ -322,12 +325,11 @@ class LoraEmbedding(LoraLayer):
     def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(ids, *args, **kwargs)
         base = self.base_layer
-        dora_state: dict = {}
         for ad in self._run:
             delta = LF.embedding_delta(ids, ad.lora_A, ad.lora_B, ad.scaling, base.padding_idx,
                                        base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
             if ad.lora_magnitude_vector is not None:
-                out = add_dora(self, out, delta.to(out.dtype), ad, dora_state)
+                out = add_dora(self, out, delta.to(out.dtype), ad)
             else:
                 out = out + delta.to(out.dtype)
         return out
@@ -364,13 +366,12 @@ class LoraConv(LoraLayer):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
         b = self.base_layer
-        dora_state: dict = {}
         for ad in self._run:
             xa = self._cast_input(x, ad.lora_A.dtype)
             delta = LF.conv_delta(xa, ad.lora_A, ad.lora_B, ad.scaling, self._conv, b.stride, b.padding,
                                   b.dilation, ad.dropout, self.training)
             if ad.lora_magnitude_vector is not None:
-                out = add_dora(self, out, delta.to(out.dtype), ad, dora_state)
+                out = add_dora(self, out, delta.to(out.dtype), ad)
             else:
                 out = out + delta.to(out.dtype)
         return out
