@@ -354,8 +354,11 @@ def main() -> None:
               f"command: `python benchmarks/bench.py {' '.join(sys.argv[1:])}`".strip())
     report = header + "\n\n" + table(rows) + "\n"
     print("\n" + report)
-    if args.write:
-        (HERE / "RESULTS.md").write_text("# Benchmark results\n\n" + report)
+    if args.write:  # replaces the table, keeps the hand-written notes below the marker
+        path, marker = HERE / "RESULTS.md", "<!-- notes -->"
+        old = path.read_text() if path.exists() else ""
+        notes = old[old.index(marker):] if marker in old else marker + "\n"
+        path.write_text("# Benchmark results\n\n" + report + "\n" + notes)
 
 
 if __name__ == "__main__":

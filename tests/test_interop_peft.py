@@ -105,63 +105,36 @@ def _assert_same_files(a_dir: str, b_dir: str) -> None:
         assert va == vb, (f, va, vb)
 
 
+@pytest.mark.parametrize("direction", ["peft->deltatune", "deltatune->peft"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_peft_saved_adapter_loads_into_deltatune(case, tmp_dir):
+def test_saved_adapters_load_in_the_other_library(case, direction, tmp_dir):
+    """Both adapters (default + a named one in a sub-folder) saved by one library load into the other with
+    the same outputs; re-saving there gives the same files."""
     _, build, make_inputs, kwargs, second = case
+    source_lib, target_lib = (peft, dt) if direction == "peft->deltatune" else (dt, peft)
     inputs = make_inputs()
-    pm = peft.get_peft_model(build(), peft.LoraConfig(init_lora_weights=False, **kwargs))
-    pm.add_adapter("second", peft.LoraConfig(init_lora_weights=False, **second))
-    _randomize(pm, 0)
-    pm.set_adapter("second")
-    _randomize(pm, 1)
-    peft_dir = os.path.join(tmp_dir, "peft")
-    pm.save_pretrained(peft_dir)
-    pm.set_adapter("default")
-    want_default = _outputs(pm, inputs)
-    pm.set_adapter("second")
-    want_second = _outputs(pm, inputs)
+    source = source_lib.get_peft_model(build(), source_lib.LoraConfig(init_lora_weights=False, **kwargs))
+    source.add_adapter("second", source_lib.LoraConfig(init_lora_weights=False, **second))
+    _randomize(source, 0)
+    source.set_adapter("second")
+    _randomize(source, 1)
+    source_dir = os.path.join(tmp_dir, "source")
+    source.save_pretrained(source_dir)
+    want_second = _outputs(source, inputs)
+    source.set_adapter("default")
+    want_default = _outputs(source, inputs)
+    assert (want_default - _outputs(build(), inputs)).abs().max() > 1e-3  # the adapter really changes the outputs
 
-    base_out = _outputs(build(), inputs)
-    assert (want_default - base_out).abs().max() > 1e-3  # the adapter really changes the outputs
+    target = target_lib.PeftModel.from_pretrained(build(), source_dir)
+    target.load_adapter(os.path.join(source_dir, "second"), "second")
+    assert (_outputs(target, inputs) - want_default).abs().max() <= ATOL
+    target.set_adapter("second")
+    assert (_outputs(target, inputs) - want_second).abs().max() <= ATOL
 
-    dm = dt.PeftModel.from_pretrained(build(), peft_dir)
-    dm.load_adapter(os.path.join(peft_dir, "second"), "second")
-    assert (_outputs(dm, inputs) - want_default).abs().max() <= ATOL
-    dm.set_adapter("second")
-    assert (_outputs(dm, inputs) - want_second).abs().max() <= ATOL
-
-    dt_dir = os.path.join(tmp_dir, "dt")
-    dm.save_pretrained(dt_dir)
-    _assert_same_files(peft_dir, dt_dir)
-    _assert_same_files(os.path.join(peft_dir, "second"), os.path.join(dt_dir, "second"))
-
-
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_deltatune_saved_adapter_loads_into_peft(case, tmp_dir):
-    _, build, make_inputs, kwargs, second = case
-    inputs = make_inputs()
-    dm = dt.get_peft_model(build(), dt.LoraConfig(init_lora_weights=False, **kwargs))
-    dm.add_adapter("second", dt.LoraConfig(init_lora_weights=False, **second))
-    _randomize(dm, 2)
-    dm.set_adapter("second")
-    _randomize(dm, 3)
-    dt_dir = os.path.join(tmp_dir, "dt")
-    dm.save_pretrained(dt_dir)
-    want_second = _outputs(dm, inputs)
-    dm.set_adapter("default")
-    want_default = _outputs(dm, inputs)
-    assert (want_default - _outputs(build(), inputs)).abs().max() > 1e-3
-
-    pm = peft.PeftModel.from_pretrained(build(), dt_dir)
-    pm.load_adapter(os.path.join(dt_dir, "second"), "second")
-    assert (_outputs(pm, inputs) - want_default).abs().max() <= ATOL
-    pm.set_adapter("second")
-    assert (_outputs(pm, inputs) - want_second).abs().max() <= ATOL
-
-    peft_dir = os.path.join(tmp_dir, "peft")
-    pm.save_pretrained(peft_dir)
-    _assert_same_files(dt_dir, peft_dir)
-    _assert_same_files(os.path.join(dt_dir, "second"), os.path.join(peft_dir, "second"))
+    target_dir = os.path.join(tmp_dir, "target")
+    target.save_pretrained(target_dir)
+    _assert_same_files(source_dir, target_dir)
+    _assert_same_files(os.path.join(source_dir, "second"), os.path.join(target_dir, "second"))
 
 
 MERGE_CASES = [c for c in CASES if c[0] in ("llama", "llama-all-linear-rslora", "gpt2-cls-bias-all", "conv",

@@ -216,6 +216,11 @@ class LoraLayer(nn.Module):
     def _label(self) -> str:
         return type(self.base_layer).__name__
 
+    def _accumulate(self, out: Tensor, delta: Tensor, ad: LoraAdapter) -> Tensor:
+        """``out`` with one adapter's ``delta`` applied: added (LoRA) or rescaled in (DoRA)."""
+        delta = delta.to(out.dtype)
+        return add_dora(self, out, delta, ad) if ad.lora_magnitude_vector is not None else out + delta
+
     def _cast_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         # Under autocast the matmuls pick their own dtype; otherwise match the adapter's.
         if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
@@ -328,10 +333,7 @@ class LoraEmbedding(LoraLayer):
         for ad in self._run:
             delta = LF.embedding_delta(ids, ad.lora_A, ad.lora_B, ad.scaling, base.padding_idx,
                                        base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-            if ad.lora_magnitude_vector is not None:
-                out = add_dora(self, out, delta.to(out.dtype), ad)
-            else:
-                out = out + delta.to(out.dtype)
+            out = self._accumulate(out, delta, ad)
         return out
 
 
@@ -370,10 +372,7 @@ class LoraConv(LoraLayer):
             xa = self._cast_input(x, ad.lora_A.dtype)
             delta = LF.conv_delta(xa, ad.lora_A, ad.lora_B, ad.scaling, self._conv, b.stride, b.padding,
                                   b.dilation, ad.dropout, self.training)
-            if ad.lora_magnitude_vector is not None:
-                out = add_dora(self, out, delta.to(out.dtype), ad)
-            else:
-                out = out + delta.to(out.dtype)
+            out = self._accumulate(out, delta, ad)
         return out
 
 
