@@ -19,7 +19,7 @@ setup() {
     fi
     local stamp="$VENV/.deltatune-installed"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test,cli]"
+        "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
         touch "$stamp"
     fi
 }

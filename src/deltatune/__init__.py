@@ -18,6 +18,7 @@ from .model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from .quant import prepare_model_for_kbit_training
 from .targeting import TargetError
 
 __version__ = "0.1.0"
@@ -41,5 +42,6 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
 ]

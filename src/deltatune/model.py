@@ -19,6 +19,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import injection
 from .config import PeftConfig, TaskType
+from .quant.bnb import param_numel
 from .registry import get_method
 
 
@@ -231,7 +232,7 @@ class PeftModel(nn.Module):
         """``(trainable, total)`` parameter counts."""
         trainable = total = 0
         for p in self.parameters():
-            n = p.numel()
+            n = param_numel(p)  # packed 4-bit storage counts every weight it holds
             total += n
             trainable += n if p.requires_grad else 0
         return trainable, total

@@ -31,7 +31,7 @@ class DoraState:
         if use_cache and ad._norm_cache is not None and ad._norm_cache[0] == key:
             return ad._norm_cache[1]
         with torch.no_grad():
-            rows, A2, B2 = layer._dora_views(ad)
+            rows, A2, B2 = layer._dora_views(ad)  # rows: dequantized for 4/8-bit bases
             sq_key = (weight.data_ptr(), weight._version, A2.dtype)
             if self.w_sqnorm is None or self.w_sqnorm[0] != sq_key:
                 self.w_sqnorm = (sq_key, rows.to(A2.dtype).pow(2).sum(1))

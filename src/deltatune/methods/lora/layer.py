@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as LF
+from ...quant.bnb import dequantize_weight, is_quantized, replace_weight, warn_requantize
 from .dora import DoraState, add_dora, dora_inference_
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -139,7 +140,7 @@ class LoraLayer(nn.Module):
         ad = self.adapters[name]
         if getattr(ad, "wrote_residual", False):
             with torch.no_grad():
-                self.base_layer.weight.copy_(LF.add_delta(self.base_layer.weight, self.delta_weight(name)))
+                self._write_weight(LF.add_delta(self._read_weight(), self.delta_weight(name)))
         self.delete_adapter(name)
 
     def set_active(self, names: Sequence[str]) -> None:
@@ -171,27 +172,39 @@ class LoraLayer(nn.Module):
         Merging computes in float32 and casts once; with ``safe=True`` a non-finite result raises
         before anything is written.
         """
-        weight = self.base_layer.weight
         for name in self.active if names is None else names:
             if name in self.merged or name not in self.adapters:
                 continue
             with torch.no_grad():
-                new = self._merged_weight(name, weight)
+                new = self._merged_weight(name, self._read_weight())
                 if safe and not torch.isfinite(new).all():
                     raise ValueError(f"merging adapter {name!r} into {self._label()} produced NaN/inf values; "
                                      "the weights were left unchanged")
-                weight.copy_(new)
+                self._write_weight(new)
             self.merged.append(name)
         self._refresh()
 
     def unmerge(self) -> None:
         """Undo every merged adapter, last merged first."""
-        weight = self.base_layer.weight
         while self.merged:
             name = self.merged.pop()
             with torch.no_grad():
-                weight.copy_(self._unmerged_weight(name, weight))
+                self._write_weight(self._unmerged_weight(name, self._read_weight()))
         self._refresh()
+
+    def _read_weight(self) -> Tensor:
+        """The base weight in its usual layout; dequantized (float32) for 4/8-bit bases."""
+        if is_quantized(self.base_layer):
+            return dequantize_weight(self.base_layer)
+        return self.base_layer.weight
+
+    def _write_weight(self, new: Tensor) -> None:
+        """Set the base weight to ``new``; quantized bases are quantized again (with a warning)."""
+        if is_quantized(self.base_layer):
+            warn_requantize(self.base_layer)
+            replace_weight(self.base_layer, new)
+        else:
+            self.base_layer.weight.copy_(new)
 
     def _merged_weight(self, name: str, weight: Tensor) -> Tensor:
         if self.adapters[name].lora_magnitude_vector is not None:
@@ -209,7 +222,7 @@ class LoraLayer(nn.Module):
 
     def _dora_views(self, ad: LoraAdapter) -> tuple[Tensor, Tensor, Tensor]:
         """``(W rows (out, k), A (r, k), B (out, r))`` for the DoRA norm (default: 2-D A and B)."""
-        weight = self.base_layer.weight
+        weight = self._read_weight()
         rows = weight.t() if self._weight_out_dim == 1 else weight.reshape(weight.shape[0], -1)
         return rows, ad.lora_A.reshape(ad.r, -1), ad.lora_B.reshape(-1, ad.r)
 
@@ -244,12 +257,15 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
         self._weight_out_dim = 1 if fan_in_fan_out else 0
-        out_f, in_f = base_layer.weight.shape
-        self.in_features, self.out_features = (out_f, in_f) if fan_in_fan_out else (in_f, out_f)
+        if is_quantized(base_layer):  # packed weights: the shape is not (out, in)
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            out_f, in_f = base_layer.weight.shape
+            self.in_features, self.out_features = (out_f, in_f) if fan_in_fan_out else (in_f, out_f)
 
     def _init_from_base(self, adapter: LoraAdapter, mode: str) -> None:
         """PiSSA / OLoRA: factors from the base weight; the residual ``W - s B A`` replaces the base."""
-        weight = self.base_layer.weight
+        weight = self._read_weight()
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"init_lora_weights={mode!r} needs a float base weight, got {weight.dtype}")
         rows = (weight.t() if self.fan_in_fan_out else weight).float()  # (out, in)
@@ -262,7 +278,7 @@ class LoraLinear(LoraLayer):
         with torch.no_grad():
             adapter.lora_A.copy_(A)
             adapter.lora_B.copy_(B)
-            weight.copy_((residual.t() if self.fan_in_fan_out else residual).to(weight.dtype))
+            self._write_weight((residual.t() if self.fan_in_fan_out else residual).to(weight.dtype))
         adapter.wrote_residual = True  # see undo_adapter
 
     def _shapes(self, r):
