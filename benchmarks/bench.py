@@ -296,8 +296,46 @@ def group_dora(rounds: int) -> list[tuple]:
     return rows
 
 
+def _param_bytes(model) -> int:
+    """Bytes of parameters and buffers, counting 4-bit storage and its quantization statistics."""
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        total += t.numel() * t.element_size()
+        state = getattr(t, "quant_state", None)
+        if state is not None:
+            for extra in (getattr(state, "absmax", None), getattr(getattr(state, "state2", None), "absmax", None)):
+                if isinstance(extra, torch.Tensor):
+                    total += extra.numel() * extra.element_size()
+    return total
+
+
+def group_quant(rounds: int) -> list[tuple]:
+    """Parameter memory of the reference model with LoRA r=16: 4-bit NF4 base / float32 base."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        llama(device="cpu").save_pretrained(tmp)
+        ratios = {}
+        for lib in ("deltatune", "peft"):
+            module = __import__(lib)
+            config = dict(r=16, lora_alpha=32, target_modules=TARGETS)
+            full = module.get_peft_model(AutoModelForCausalLM.from_pretrained(tmp), module.LoraConfig(**config))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+                    device_map=str(DEVICE))
+            quant = module.get_peft_model(q, module.LoraConfig(**config))
+            ratios[lib] = _param_bytes(quant) / _param_bytes(full)
+    rows.append(("parameter bytes, 4-bit NF4 base + LoRA / float32 base + LoRA", ratios["deltatune"], ratios["peft"]))
+    return rows
+
+
 GROUPS = {"train": group_train, "infer": group_infer, "memory": group_memory, "dora": group_dora,
-          "setup": group_setup, "io": group_io}
+          "setup": group_setup, "io": group_io, "quant": group_quant}
 
 
 def machine() -> str:
