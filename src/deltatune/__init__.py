@@ -8,6 +8,7 @@ from .mapping import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
+from .methods.ia3 import IA3Config
 from .methods.lora import DoRAConfig, LoraConfig
 from .model import (
     PeftModel,
@@ -27,6 +28,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DoRAConfig",
+    "IA3Config",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

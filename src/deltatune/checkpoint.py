@@ -30,6 +30,7 @@ PICKLE_NAME = "adapter_model.bin"
 #: HF key suffix of each adapter tensor role, per layer ``checkpoint_kind``.
 HF_SUFFIXES = {
     "lora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"},
+    "ia3": {"ia3_l": "ia3_l"},
     "lora_embedding": {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B",
                        "lora_magnitude_vector": "lora_magnitude_vector"},
 }

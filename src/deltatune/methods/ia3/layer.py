@@ -1,0 +1,174 @@
+"""(IA)^3 layers: wrap a frozen ``base_layer`` and rescale its output (or input) per active adapter."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..lora.layer import adapter_dtype
+from . import functional as IF
+
+
+class IA3Adapter(nn.Module):
+    """One adapter's vector ``ia3_l`` in peft's storage shape: ``(out, 1)`` for output scaling,
+    ``(1, in)`` for input (feed-forward) scaling, ``(1, C, 1, ...)`` for convolutions."""
+
+    def __init__(self, shape: Sequence[int], feedforward: bool, device=None, dtype=None):
+        super().__init__()
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        self.feedforward = feedforward
+
+    def extra_repr(self) -> str:
+        return f"feedforward={self.feedforward}, size={self.ia3_l.numel()}"
+
+
+class IA3Layer(nn.Module):
+    """``y = base(x) * l`` (output scaling) or ``y = base(x * l)`` (feed-forward modules); several active
+    adapters multiply. Works on ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Conv1d/2d/3d``."""
+
+    checkpoint_kind = "ia3"
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = fan_in_fan_out
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self._run: list[IA3Adapter] = []
+        self._conv = isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    # ------------------------------------------------------------------ shapes
+    def _features(self) -> tuple[int, int]:
+        w = self.base_layer.weight
+        if self._conv:
+            return w.shape[1], w.shape[0]
+        out_f, in_f = w.shape
+        return (out_f, in_f) if self.fan_in_fan_out else (in_f, out_f)
+
+    def _shape(self, feedforward: bool) -> tuple[int, ...]:
+        in_f, out_f = self._features()
+        if self._conv:
+            return (1, in_f if feedforward else out_f) + (1,) * (self.base_layer.weight.dim() - 2)
+        return (1, in_f) if feedforward else (out_f, 1)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def add_adapter(self, name: str, feedforward: bool, init: bool = True, autocast_adapter_dtype: bool = True) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        weight = self.base_layer.weight
+        adapter = IA3Adapter(self._shape(feedforward), feedforward, device=weight.device,
+                             dtype=adapter_dtype(weight, autocast_adapter_dtype))
+        if not init:
+            with torch.no_grad():
+                adapter.ia3_l.normal_(1.0, 0.2)
+        self.adapters[name] = adapter
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
+        del self.adapters[name]
+        self.set_active([n for n in self.active if n != name])
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active = [n for n in names if n in self.adapters]
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._run = [] if self.disabled else [self.adapters[n] for n in self.active if n not in self.merged]
+
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        return {"ia3_l": self.adapters[name].ia3_l}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not self._run:
+            return self.base_layer(x, *args, **kwargs)
+        ch = 1 if self._conv else -1
+        scale_in = scale_out = None
+        for ad in self._run:
+            l = ad.ia3_l.reshape(-1)
+            if ad.feedforward:
+                scale_in = l if scale_in is None else scale_in * l
+            else:
+                scale_out = l if scale_out is None else scale_out * l
+        if scale_in is not None:
+            x = x * _along(scale_in, x, ch).to(x.dtype)
+        out = self.base_layer(x, *args, **kwargs)
+        if scale_out is not None:
+            out = out * _along(scale_out, out, ch).to(out.dtype)
+        return out
+
+    # ------------------------------------------------------------------ merging
+    def _weight_dims(self) -> tuple[int, int]:
+        """(output dim, input dim) of the base weight."""
+        return (1, 0) if self.fan_in_fan_out else (0, 1)
+
+    def merge(self, names: Optional[Sequence[str]] = None, safe: bool = False) -> None:
+        """Fold the vectors into the weight (rows for output scaling, columns for input scaling) and,
+        for output scaling, into the bias."""
+        base = self.base_layer
+        out_dim, in_dim = self._weight_dims()
+        for name in self.active if names is None else names:
+            if name in self.merged or name not in self.adapters:
+                continue
+            ad = self.adapters[name]
+            l = ad.ia3_l.detach().reshape(-1)
+            with torch.no_grad():
+                new_w = IF.scale_weight(base.weight, l, in_dim if ad.feedforward else out_dim)
+                new_b = None
+                if not ad.feedforward and getattr(base, "bias", None) is not None:
+                    new_b = base.bias.float() * l
+                if safe and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
+                    raise ValueError(f"merging adapter {name!r} produced NaN/inf values; the weights were left unchanged")
+                base.weight.copy_(new_w.to(base.weight.dtype))
+                if new_b is not None:
+                    base.bias.copy_(new_b.to(base.bias.dtype))
+            self.merged.append(name)
+        self._refresh()
+
+    def unmerge(self) -> None:
+        base = self.base_layer
+        out_dim, in_dim = self._weight_dims()
+        while self.merged:
+            ad = self.adapters[self.merged.pop()]
+            l = ad.ia3_l.detach().reshape(-1)
+            if (l == 0).any():
+                raise ValueError("cannot unmerge an (IA)^3 vector that has zero entries (division by zero)")
+            with torch.no_grad():
+                base.weight.copy_(IF.scale_weight(base.weight, l, in_dim if ad.feedforward else out_dim,
+                                                  inverse=True).to(base.weight.dtype))
+                if not ad.feedforward and getattr(base, "bias", None) is not None:
+                    base.bias.copy_((base.bias.float() / l).to(base.bias.dtype))
+        self._refresh()
+
+
+def _along(v: Tensor, like: Tensor, dim: int) -> Tensor:
+    shape = [1] * like.dim()
+    shape[dim] = -1
+    return v.reshape(shape)
+
+
+def wrap_module(module: nn.Module) -> IA3Layer:
+    from ..lora.layer import _conv1d_type
+
+    conv1d = _conv1d_type()
+    if conv1d and isinstance(module, conv1d):
+        return IA3Layer(module, fan_in_fan_out=True)
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups != 1:
+            raise TypeError(f"(IA)^3 on grouped convolutions (groups={module.groups}) is not supported")
+        return IA3Layer(module)
+    raise TypeError(f"(IA)^3 does not support modules of type {type(module).__name__}; supported: torch.nn.Linear, "
+                    "torch.nn.Conv1d/2d/3d and transformers' Conv1D")
