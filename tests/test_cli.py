@@ -207,3 +207,17 @@ def test_vision_backbone_example():
 def test_bundled_dataset_is_reproducible():
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_dataset.py"), "--check"], check=True,
                    capture_output=True)
+
+
+def test_ia3_method(tmp_path, tiny_models):
+    output = tmp_path / "ia3"
+    args = ["train", "--model", str(tiny_models / "bert"), "--data", str(tiny_models / "small.jsonl"),
+            "--method", "ia3", "--epochs", "1", "--lr", "3e-3", "--no-baseline", "--output", str(output)]
+    assert main(args) == 0
+    config = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3" and config["feedforward_modules"]
+    from safetensors.torch import load_file
+
+    keys = load_file(str(output / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("output.dense.ia3_l") and v.shape[0] == 1 for k, v in keys.items())  # input scaling
+    assert any(k.endswith("attention.self.key.ia3_l") and v.shape[1] == 1 for k, v in keys.items())

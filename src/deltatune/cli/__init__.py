@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab = sub.add_parser("ab", help="A/B test: head-only baseline vs each method over several seeds")
     add_run_arguments(ab)
     ab.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
-    ab.add_argument("--methods", nargs="+", help="methods to compare (default: all available)")
+    ab.add_argument("--methods", nargs="+", help="methods to compare (default: lora dora)")
 
     merge = sub.add_parser("merge", help="merge an adapter into its base and save a plain transformers model")
     merge.add_argument("adapter", help="a run folder or an adapter folder")

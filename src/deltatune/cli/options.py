@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 TASKS = ("seq-cls", "causal-lm")
 # Methods the CLI can train; grows as methods land (each maps to a config factory in train.py).
-METHODS = ("lora", "dora")
+METHODS = ("lora", "dora", "ia3")
 DEFAULT_TARGETS = {
     "seq-cls": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "causal-lm": "all-linear",
@@ -48,7 +48,7 @@ class RunOptions:
     output: Optional[str] = None
     overwrite: bool = False
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # for `deltatune ab`
-    methods: list = field(default_factory=lambda: list(METHODS))  # for `deltatune ab`
+    methods: list = field(default_factory=lambda: ["lora", "dora"])  # for `deltatune ab`
 
     def targets(self):
         return self.target if self.target is not None else DEFAULT_TARGETS[self.task]

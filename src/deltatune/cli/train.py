@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..mapping import get_peft_model
+from ..methods.ia3 import IA3Config
 from ..methods.lora import LoraConfig
 from .data import EncodedDataset, TextData, load_text_data
 from .options import RunOptions, UsageError
@@ -72,6 +73,15 @@ def method_config(o: RunOptions, method: str, base_path: str):
     if method in ("lora", "dora"):
         return LoraConfig(task_type=TASK_TYPES[o.task], r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
                           target_modules=o.targets(), base_model_name_or_path=base_path, use_dora=method == "dora")
+    if method == "ia3":
+        # (IA)^3's recipe: rescale keys, values and the feed-forward activations (the input of the second
+        # MLP linear); on other architectures, --target picks the modules (no feed-forward ones).
+        if o.target is None and o.task == "seq-cls":
+            targets, feedforward = r".*\.(key|value|layer\.\d+\.output\.dense)", r".*layer\.\d+\.output\.dense"
+        else:
+            targets, feedforward = o.targets(), None
+        return IA3Config(task_type=TASK_TYPES[o.task], target_modules=targets, feedforward_modules=feedforward,
+                         base_model_name_or_path=base_path)
     raise UsageError(f"unknown method {method!r}")
 
 
