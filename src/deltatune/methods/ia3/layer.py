@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ... import adapter_state
 from ..lora.layer import adapter_dtype
 from . import functional as IF
 
@@ -32,18 +33,15 @@ class IA3Layer(nn.Module):
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__()
-        self.base_layer = base_layer
+        adapter_state.init(self, base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        self.adapters = nn.ModuleDict()
-        self.active: list[str] = []
-        self.merged: list[str] = []
-        self.disabled = False
-        self._run: list[IA3Adapter] = []
         self._conv = isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
+    weight = property(adapter_state.base_weight)
+    set_active = adapter_state.set_active
+    set_disabled = adapter_state.set_disabled
+    delete_adapter = adapter_state.delete_adapter
+    _refresh = adapter_state.refresh
 
     # ------------------------------------------------------------------ shapes
     def _features(self) -> tuple[int, int]:
@@ -70,23 +68,6 @@ class IA3Layer(nn.Module):
             with torch.no_grad():
                 adapter.ia3_l.normal_(1.0, 0.2)
         self.adapters[name] = adapter
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
-        del self.adapters[name]
-        self.set_active([n for n in self.active if n != name])
-
-    def set_active(self, names: Sequence[str]) -> None:
-        self.active = [n for n in names if n in self.adapters]
-        self._refresh()
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self._run = [] if self.disabled else [self.adapters[n] for n in self.active if n not in self.merged]
 
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         return {"ia3_l": self.adapters[name].ia3_l}

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ... import adapter_state
 from . import functional as LF
 from ...quant.bnb import dequantize_weight, is_quantized, replace_weight, warn_requantize
 from .dora import DoraState, add_dora, dora_inference_
@@ -70,13 +71,14 @@ class LoraLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
-        self.active: list[str] = []
-        self.merged: list[str] = []
-        self.disabled = False
-        self._run: list[LoraAdapter] = []
+        adapter_state.init(self, base_layer)
         self._dora = DoraState()
+
+    weight = property(adapter_state.base_weight)
+    set_active = adapter_state.set_active
+    set_disabled = adapter_state.set_disabled
+    delete_adapter = adapter_state.delete_adapter
+    _refresh = adapter_state.refresh
 
     # ------------------------------------------------------------------ subclass interface
     def _shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -102,11 +104,6 @@ class LoraLayer(nn.Module):
         raise TypeError(f"init_lora_weights={mode!r} is available for Linear and Conv1D layers only, "
                         f"not {type(self.base_layer).__name__}")
 
-    @property
-    def weight(self) -> Tensor:
-        """The base layer's weight (so code reading ``layer.weight`` keeps working)."""
-        return self.base_layer.weight
-
     # ------------------------------------------------------------------ adapter bookkeeping
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0, init=True,
                     autocast_adapter_dtype: bool = True, use_dora: bool = False) -> None:
@@ -128,12 +125,6 @@ class LoraLayer(nn.Module):
             adapter.lora_magnitude_vector = nn.Parameter(norm.to(adapter.lora_A.dtype).reshape(self._magnitude_shape()))
         self.adapters[name] = adapter
 
-    def delete_adapter(self, name: str) -> None:
-        if name in self.merged:
-            raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
-        del self.adapters[name]
-        self.set_active([n for n in self.active if n != name])
-
     def undo_adapter(self, name: str) -> None:
         """Remove an adapter that was *just* created (a failed injection): unlike delete_adapter, also
         gives the base back what a PiSSA/OLoRA initialisation took from it."""
@@ -142,20 +133,6 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 self._write_weight(LF.add_delta(self._read_weight(), self.delta_weight(name)))
         self.delete_adapter(name)
-
-    def set_active(self, names: Sequence[str]) -> None:
-        """Run the named adapters (those this layer has; others are ignored), summing their deltas."""
-        self.active = [n for n in names if n in self.adapters]
-        self._refresh()
-
-    def set_disabled(self, disabled: bool) -> None:
-        self.disabled = disabled
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self._run = [] if self.disabled else [
-            self.adapters[n] for n in self.active if n not in self.merged
-        ]
 
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         """The tensors that make up adapter ``name`` in this layer, by role (``lora_A``, ``lora_B``)."""
