@@ -129,6 +129,24 @@ def main_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
+def perturb_trainable(model, seed: int = 0, scale: float = 0.2) -> None:
+    """Add seeded noise to every trainable tensor (adapters, saved modules, biases): non-trivial values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def random_lora(model, seed: int = 0, scale: float = 0.3) -> None:
+    """Overwrite every LoRA tensor (``lora_*``, trainable or not) with seeded noise."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
 @pytest.fixture
 def tmp_dir(tmp_path):
     return str(tmp_path)

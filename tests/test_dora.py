@@ -10,16 +10,9 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from conftest import main_output, text_inputs, tiny_gpt2_cls, tiny_llama
+from conftest import perturb_trainable, main_output, text_inputs, tiny_gpt2_cls, tiny_llama
 from deltatune.methods.lora import functional as LF
 
-
-def _randomize(model, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
@@ -43,7 +36,7 @@ MODELS = [
 def test_forward_gradients_and_merge_match_peft(build, kwargs):
     inputs = text_inputs()
     pm = peft.get_peft_model(build(), peft.LoraConfig(use_dora=True, init_lora_weights=False, **kwargs))
-    _randomize(pm)
+    perturb_trainable(pm, scale=0.1)
     dm = dt.get_peft_model(build(), dt.LoraConfig(use_dora=True, **kwargs))
     dt.set_peft_model_state_dict(dm, peft.get_peft_model_state_dict(pm))
     pm.eval(), dm.eval()  # eval: the base models' own dropout off; gradients still flow
@@ -74,7 +67,7 @@ def test_identity_at_init_and_unmerge_restores():
     model = dt.get_peft_model(copy.deepcopy(base), dt.DoRAConfig(r=4, target_modules=["q_proj", "o_proj"]))
     with torch.no_grad():
         assert torch.equal(main_output(model(**inputs)), want)
-    _randomize(model)
+    perturb_trainable(model, scale=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         unmerged = main_output(model(**inputs))
@@ -159,7 +152,7 @@ def test_embedding_and_conv_dora_match_peft():
     ids = torch.randint(0, 20, (3, 7), generator=torch.Generator().manual_seed(1))
     kwargs = dict(r=3, lora_alpha=6, target_modules=["emb", "conv", "conv2"], use_dora=True)
     pm = peft.get_peft_model(build(), peft.LoraConfig(init_lora_weights=False, **kwargs))
-    _randomize(pm, scale=0.2)
+    perturb_trainable(pm, scale=0.2)
     dm = dt.get_peft_model(build(), dt.LoraConfig(**kwargs))
     dt.set_peft_model_state_dict(dm, peft.get_peft_model_state_dict(pm))
     out_p, out_d = pm(ids), dm(ids)
@@ -199,7 +192,7 @@ def test_fused_combine_gradients_equal_the_plain_formula(bias):
             base[0].bias.normal_()
     model = dt.get_peft_model(base, dt.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True,
                                                   init_lora_weights=False, bias="lora_only" if bias else "none"))
-    _randomize(model, scale=0.3)
+    perturb_trainable(model, scale=0.3)
     layer = model.base_model.model[0]
     ad = layer.adapters["default"]
     x = torch.randn(3, 5, 16, requires_grad=True)
@@ -226,7 +219,7 @@ def test_two_active_dora_adapters_match_peft():
     pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(init_lora_weights=False, **first))
     pm.add_adapter("b", peft.LoraConfig(init_lora_weights=False, **second))
     pm.base_model.set_adapter(["default", "b"])
-    _randomize(pm)
+    perturb_trainable(pm, scale=0.1)
     dm = dt.get_peft_model(tiny_llama(), dt.LoraConfig(**first))
     dm.add_adapter("b", dt.LoraConfig(**second))
     for name in ("default", "b"):

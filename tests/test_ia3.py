@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from conftest import conv_inputs, main_output, text_inputs, tiny_convnet, tiny_gpt2_cls, tiny_llama
+from conftest import perturb_trainable, conv_inputs, main_output, text_inputs, tiny_convnet, tiny_gpt2_cls, tiny_llama
 
 CASES = [
     ("llama", tiny_llama, text_inputs,
@@ -24,13 +24,6 @@ CASES = [
      dict(target_modules=["conv", "conv2", "head"], feedforward_modules=["conv2"], modules_to_save=["row"])),
 ]
 
-
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def _out(model, inputs):
@@ -45,7 +38,7 @@ def test_checkpoints_load_in_the_other_library(case, direction, tmp_path):
     src_lib, dst_lib = (peft, dt) if direction == "peft->deltatune" else (dt, peft)
     inputs = make_inputs()
     source = src_lib.get_peft_model(build(), src_lib.IA3Config(**kwargs))
-    _randomize(source, 0)
+    perturb_trainable(source, 0, 0.2)
     want = _out(source, inputs)
     assert (want - _out(build(), inputs)).abs().max() > 1e-3
     source.save_pretrained(str(tmp_path / "a"))
@@ -63,7 +56,7 @@ def test_merge_matches_peft_and_unmerge_restores(case):
     _, build, make_inputs, kwargs = case
     inputs = make_inputs()
     pm = peft.get_peft_model(build(), peft.IA3Config(**kwargs))
-    _randomize(pm, 1)
+    perturb_trainable(pm, 1, 0.2)
     dm = dt.get_peft_model(build(), dt.IA3Config(**kwargs))
     dt.set_peft_model_state_dict(dm, peft.get_peft_model_state_dict(pm))
     unmerged = _out(dm, inputs)
@@ -85,7 +78,7 @@ def test_several_active_adapters_multiply():
     model = dt.get_peft_model(tiny_llama(), dt.IA3Config(**kwargs))
     model.add_adapter("b", dt.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]))
     model.set_adapter(["default", "b"])
-    _randomize(model, 2)
+    perturb_trainable(model, 2, 0.2)
     layer = model.base_model.model.model.layers[0].mlp.down_proj
     x = torch.randn(3, 64)
     l = layer.adapters["default"].ia3_l.reshape(-1) * layer.adapters["b"].ia3_l.reshape(-1)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 from conftest import (
-    conv_inputs, llava_inputs, main_output, t5_inputs, text_inputs, tiny_bert_cls, tiny_convnet,
+    perturb_trainable, conv_inputs, llava_inputs, main_output, t5_inputs, text_inputs, tiny_bert_cls, tiny_convnet,
     tiny_gpt2_cls, tiny_gpt2_lm, tiny_llama, tiny_llava, tiny_t5,
 )
 
@@ -67,14 +67,6 @@ CASES = [
 IDS = [c[0] for c in CASES]
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Give every trainable tensor (adapters, saved modules, biases) a non-trivial value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.2)
-
 
 def _outputs(model, inputs):
     with torch.no_grad():
@@ -115,9 +107,9 @@ def test_saved_adapters_load_in_the_other_library(case, direction, tmp_dir):
     inputs = make_inputs()
     source = source_lib.get_peft_model(build(), source_lib.LoraConfig(init_lora_weights=False, **kwargs))
     source.add_adapter("second", source_lib.LoraConfig(init_lora_weights=False, **second))
-    _randomize(source, 0)
+    perturb_trainable(source, 0, 0.2)
     source.set_adapter("second")
-    _randomize(source, 1)
+    perturb_trainable(source, 1, 0.2)
     source_dir = os.path.join(tmp_dir, "source")
     source.save_pretrained(source_dir)
     want_second = _outputs(source, inputs)
@@ -146,7 +138,7 @@ def test_merged_weights_match_peft(case):
     """The same adapter merged by each library gives the same base weights."""
     _, build, make_inputs, kwargs, _ = case
     pm = peft.get_peft_model(build(), peft.LoraConfig(init_lora_weights=False, **kwargs))
-    _randomize(pm, 5)
+    perturb_trainable(pm, 5, 0.2)
     state = peft.get_peft_model_state_dict(pm)
     dm = dt.get_peft_model(build(), dt.LoraConfig(**kwargs))
     dt.set_peft_model_state_dict(dm, state)
@@ -178,7 +170,7 @@ def test_bias_adapter_saved_beside_another_adapter_loads_alone_in_peft(bias, tmp
     dm = dt.get_peft_model(tiny_gpt2_cls(), dt.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn"],
                                                          bias=bias, init_lora_weights=False))
     dm.add_adapter("second", dt.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["c_proj"]))
-    _randomize(dm, 7)
+    perturb_trainable(dm, 7, 0.2)
     want = _outputs(dm, inputs)
     dm.save_pretrained(tmp_dir, selected_adapters=["default"])
     keys = load_file(os.path.join(tmp_dir, "adapter_model.safetensors"))

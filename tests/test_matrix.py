@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
+from conftest import random_lora
 
 
 class Net(nn.Module):
@@ -90,13 +91,6 @@ def _build(layer_name, opts, init=True, seed=0):
     return base, x, ref, delta, config
 
 
-def _randomize_adapter(model):
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-
 
 CELLS = [(l, o) for l in LAYERS for o in OPTIONS]
 
@@ -115,7 +109,7 @@ def test_cell(layer_name, option, tmp_path):
         assert torch.equal(model(x), want_base)
 
     # 2. forward == the base layer run with W + s * delta(A, B)
-    _randomize_adapter(model)
+    random_lora(model, seed=5)
     adapter = model.base_model.model.layer.adapters["default"]
     s = _expected_scaling(opts)
     assert adapter.scaling == pytest.approx(s)

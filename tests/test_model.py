@@ -11,16 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltatune as dt
-from conftest import main_output, text_inputs, tiny_gpt2_lm, tiny_llama
+from conftest import random_lora, main_output, text_inputs, tiny_gpt2_lm, tiny_llama
 from deltatune.methods.lora import LoraLayer
 
-
-def _random_lora(model, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _logits(model, inputs):
@@ -37,7 +30,7 @@ def test_several_active_adapters_sum_their_deltas():
     inputs = text_inputs()
     model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["v_proj", "down_proj"]))
-    _random_lora(model, scale=0.05)
+    random_lora(model, scale=0.05)
     with model.disable_adapter():
         base = _logits(model, inputs)
     model.set_adapter("default")
@@ -99,7 +92,7 @@ def test_merge_and_unload_and_unload():
     reference = tiny_llama()
     model = dt.get_peft_model(copy.deepcopy(reference), dt.LoraConfig(r=4, target_modules="all-linear",
                                                                     modules_to_save=["lm_head"]))
-    _random_lora(model, scale=0.05)
+    random_lora(model, scale=0.05)
     with torch.no_grad():
         model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
     want = _logits(model, inputs)
@@ -115,7 +108,7 @@ def test_merge_and_unload_and_unload():
 def test_merge_selected_adapters_and_unmerge():
     model = dt.get_peft_model(_mlp(), dt.LoraConfig(r=2, target_modules=["0", "2"]))
     model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["0"]))
-    _random_lora(model)
+    random_lora(model)
     x = torch.randn(5, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.set_adapter(["default", "b"])
@@ -129,7 +122,7 @@ def test_merge_selected_adapters_and_unmerge():
 
 def test_safe_merge_rejects_non_finite_and_leaves_weights():
     model = dt.get_peft_model(_mlp(), dt.LoraConfig(r=2, target_modules=["0", "2"]))
-    _random_lora(model)
+    random_lora(model)
     with torch.no_grad():
         model.base_model.model[2].adapters["default"].lora_B.fill_(float("nan"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -142,7 +135,7 @@ def test_safe_merge_rejects_non_finite_and_leaves_weights():
 
 def test_forward_train_eval_never_change_weights():
     model = dt.get_peft_model(_mlp(), dt.LoraConfig(r=2, target_modules=["0"], lora_dropout=0.5))
-    _random_lora(model)
+    random_lora(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     model(torch.randn(3, 8))
@@ -154,7 +147,7 @@ def test_forward_train_eval_never_change_weights():
 
 def test_disable_adapter_restores_after_exception():
     model = dt.get_peft_model(_mlp(), dt.LoraConfig(r=2, target_modules=["0"]))
-    _random_lora(model)
+    random_lora(model)
     x = torch.randn(2, 8)
     want = model(x)
     with pytest.raises(RuntimeError):

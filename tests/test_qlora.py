@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from conftest import random_lora
 
 bnb = pytest.importorskip("bitsandbytes")  # installed by the test extra; CI always runs these
 
@@ -53,13 +54,6 @@ def logits(model):
         return model(input_ids=IDS).logits.float()
 
 
-def randomize(model, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-
 
 @pytest.mark.parametrize("quant", list(QUANT))
 def test_qlora_training_lowers_the_loss_and_only_adapters_learn(model_dir, quant):
@@ -85,7 +79,7 @@ def test_qlora_training_lowers_the_loss_and_only_adapters_learn(model_dir, quant
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_merge_into_a_quantized_base_requantizes(model_dir, quant):
     model = dt.get_peft_model(load(model_dir, quant), dt.LoraConfig(r=8, target_modules=TARGETS))
-    randomize(model)
+    random_lora(model, scale=0.05)
     unmerged = logits(model)
     adapter_effect = (unmerged - logits(load(model_dir, quant))).abs().max().item()
     quant_error = (logits(load(model_dir)) - logits(load(model_dir, quant))).abs().max().item()
@@ -100,7 +94,7 @@ def test_merge_into_a_quantized_base_requantizes(model_dir, quant):
 
 def test_adapter_moves_between_4bit_and_float_bases_and_matches_peft(model_dir, tmp_path):
     q_model = dt.get_peft_model(load(model_dir, "nf4"), dt.LoraConfig(r=8, target_modules=TARGETS))
-    randomize(q_model)
+    random_lora(q_model, scale=0.05)
     q_out = logits(q_model)
     q_model.save_pretrained(str(tmp_path))
     # The same adapter on the float32 base: within the base's own quantization error.
@@ -115,7 +109,7 @@ def test_adapter_moves_between_4bit_and_float_bases_and_matches_peft(model_dir, 
 def test_dora_on_a_4bit_base_matches_peft(model_dir):
     pm = peft.get_peft_model(load(model_dir, "nf4"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                      use_dora=True, init_lora_weights=False))
-    randomize(pm, seed=3)
+    random_lora(pm, seed=3, scale=0.05)
     dm = dt.get_peft_model(load(model_dir, "nf4"), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
     dt.set_peft_model_state_dict(dm, peft.get_peft_model_state_dict(pm))
     # Train mode first: bitsandbytes repacks 4-bit weights for its CPU kernel after an eval-mode forward,

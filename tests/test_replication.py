@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import VOCAB, main_output, text_inputs
+from conftest import perturb_trainable, VOCAB, main_output, text_inputs
 
 
 def llama4():
@@ -23,13 +23,6 @@ def llama4():
 MAP = [[0, 3], [1, 4]]  # -> layers 0 1 2 1 2 3
 KW = dict(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"], layer_replication=MAP)
 
-
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def test_structure_shares_base_weights():
@@ -52,7 +45,7 @@ def test_checkpoints_round_trip_with_peft(direction, tmp_path):
     inputs = text_inputs()
     lib_from, lib_to = (peft, dt) if direction == "peft->deltatune" else (dt, peft)
     source = lib_from.get_peft_model(llama4(), lib_from.LoraConfig(**KW))
-    _randomize(source, 1)
+    perturb_trainable(source, 1, 0.3)
     source.save_pretrained(str(tmp_path))
     with torch.no_grad():
         want = main_output(source(**inputs))
