@@ -18,7 +18,6 @@ import gc
 import os
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import time

@@ -7,7 +7,6 @@ config files carry the same fields. Named (non-default) adapters go through sub-
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 

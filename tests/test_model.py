@@ -7,7 +7,6 @@ import copy
 import peft
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import deltatune as dt

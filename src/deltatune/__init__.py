@@ -10,8 +10,9 @@ from .mapping import (
 )
 from .methods.ia3 import IA3Config
 from .methods.lora import DoRAConfig, LoraConfig
-from .model import (
-    PeftModel,
+from .methods.prompt_tuning import PromptTuningConfig
+from .model import PeftModel
+from .tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
     PeftModelForQuestionAnswering,
@@ -39,6 +40,7 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PromptTuningConfig",
     "TargetError",
     "TaskType",
     "get_peft_model",

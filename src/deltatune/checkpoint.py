@@ -86,6 +86,9 @@ def adapter_tensors(model: nn.Module, adapter_name: str, bias: str = "none",
         # As in peft, "lora_only" means the biases of every adapted layer, whichever adapter it holds.
         if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             out[_bias_key(name, layer, adapter_name)] = layer.base_layer.bias
+    prompts = getattr(model, "prompt_encoder", None)
+    if isinstance(prompts, nn.ModuleDict) and adapter_name in prompts:
+        out.update(prompts[adapter_name].adapter_params())  # root-level keys, as peft saves them
     for name, wrapper in saved_module_wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             for key, tensor in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
@@ -121,9 +124,40 @@ def _all_biases(module: nn.Module, adapter_name: str, peft_layout: bool, prefix:
     return out
 
 
+ROOT = "base_model.model."
+
+
+def _is_prompt_adapter(model: nn.Module, adapter_name: str) -> bool:
+    prompts = getattr(model, "prompt_encoder", None)
+    return isinstance(prompts, nn.ModuleDict) and adapter_name in prompts
+
+
+def to_peft_keys(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str) -> dict[str, Tensor]:
+    """A PeftModel's keys as peft writes them: prompt-learning adapters have no tuner module between
+    the PeftModel and the base model, so their module keys start ``base_model.`` (not ``base_model.model.``)."""
+    if not _is_prompt_adapter(model, adapter_name):
+        return tensors
+    return {("base_model." + k[len(ROOT):] if k.startswith(ROOT) else k): v for k, v in tensors.items()}
+
+
+def from_peft_keys(model: nn.Module, weights: dict[str, Tensor], adapter_name: str) -> dict[str, Tensor]:
+    """Keys of a peft file (or state dict, with or without the ``base_model.model.`` prefix) as this
+    PeftModel names its tensors; root keys such as ``prompt_embeddings`` name no module and stay."""
+    prompt = _is_prompt_adapter(model, adapter_name)
+    out = {}
+    for key, value in weights.items():
+        if "." not in key or key.startswith(ROOT):
+            out[key] = value
+        elif prompt and key.startswith("base_model."):
+            out[ROOT + key[len("base_model."):]] = value
+        else:
+            out[ROOT + key] = value
+    return out
+
+
 def state_dict_for_save(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
-    """Detached, contiguous CPU copies of :func:`adapter_tensors` (what goes into the file)."""
-    tensors = adapter_tensors(model, adapter_name, bias, peft_layout=True)
+    """Detached, contiguous CPU copies of :func:`adapter_tensors` under peft's keys (what goes into the file)."""
+    tensors = to_peft_keys(model, adapter_tensors(model, adapter_name, bias, peft_layout=True), adapter_name)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from . import injection
 from .config import PeftConfig
-from .model import PeftModel, task_model_class
+from .model import PeftModel
+from .tasks import task_model_class
 from .registry import get_method
 
 
@@ -63,6 +64,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
         config: The adapter's config, needed for ``bias`` with a bare model.
     """
     live = ckpt.adapter_tensors(model, adapter_name, _bias(model, adapter_name, config), peft_layout=True)
+    live = ckpt.to_peft_keys(model, live, adapter_name)
     if state_dict is None:
         return {k: v.detach() for k, v in live.items()}
     internal = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
@@ -74,6 +76,5 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     """Load peft-format tensors into adapter ``adapter_name``; all-or-nothing. Returns missing keys."""
     weights = dict(peft_model_state_dict)
     if isinstance(model, PeftModel):
-        prefix = "base_model.model."
-        weights = {k if k.startswith(prefix) else prefix + k: v for k, v in weights.items()}
+        weights = ckpt.from_peft_keys(model, weights, adapter_name)
     return ckpt.load_into(model, weights, adapter_name, _bias(model, adapter_name, config))

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Iterable, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 from . import checkpoint as ckpt
 from . import injection
 from .config import PeftConfig, TaskType
 from .quant.bnb import param_numel
-from .registry import get_method
+from .methods.prompt_tuning.encoder import build_prompt_encoder, with_prompts
+from .registry import PromptMethod, get_method
 
 
 class AdapterHost(nn.Module):
@@ -74,6 +75,7 @@ class PeftModel(nn.Module):
         self.base_model = AdapterHost(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
+        self._prompt_off = False
         self._autocast_adapter_dtype = autocast_adapter_dtype
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
@@ -90,7 +92,12 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args, **kwargs):
-        return self.base_model.model(*args, **kwargs)
+        encoder = self._active_prompt()
+        if encoder is None:
+            return self.base_model.model(*args, **kwargs)
+        if args:  # the first positional argument of transformers models is input_ids
+            kwargs["input_ids"] = args[0]
+        return self.base_model.model(**self._prompt_inputs(encoder, **kwargs))
 
     def get_base_model(self) -> nn.Module:
         """The underlying model (adapter layers included)."""
@@ -130,14 +137,45 @@ class PeftModel(nn.Module):
         method = get_method(peft_config.peft_type)
         config = self._resolve_config(peft_config)
         model = self.base_model.model
-        names = injection.inject(model, config, adapter_name, method, self._autocast_adapter_dtype)
-        if getattr(config, "fan_in_fan_out", None) is False and any(
-            getattr(model.get_submodule(n), "fan_in_fan_out", False) for n in names
-        ):
-            config = config.replace(fan_in_fan_out=True)  # recorded as peft records it for Conv1D
+        if (isinstance(method, PromptMethod)) != bool(self._prompt_names()) and self.peft_config:
+            raise ValueError("prompt-learning adapters and layer adapters (LoRA, IA3) cannot share one model")
+        if isinstance(method, PromptMethod):
+            config = self._add_prompt(adapter_name, config, method)
+        else:
+            names = injection.inject(model, config, adapter_name, method, self._autocast_adapter_dtype)
+            if getattr(config, "fan_in_fan_out", None) is False and any(
+                getattr(model.get_submodule(n), "fan_in_fan_out", False) for n in names
+            ):
+                config = config.replace(fan_in_fan_out=True)  # recorded as peft records it for Conv1D
         injection.add_modules_to_save(model, config.modules_to_save, adapter_name)
         self.peft_config[adapter_name] = config
         self._apply_active()
+
+    # ------------------------------------------------------------------ prompt learning
+    def _prompt_names(self) -> list[str]:
+        return list(self._modules["prompt_encoder"]) if "prompt_encoder" in self._modules else []
+
+    def _add_prompt(self, name: str, config: PeftConfig, method) -> PeftConfig:
+        config, encoder = build_prompt_encoder(method, config, self.base_model.model)
+        if "prompt_encoder" not in self._modules:
+            self.prompt_encoder = nn.ModuleDict()
+        self.prompt_encoder[name] = encoder
+        return config
+
+    def _active_prompt(self):
+        names = self._prompt_names()
+        if not names or self._prompt_off:
+            return None
+        return next((self.prompt_encoder[n] for n in self._active if n in names), None)
+
+    def _prompt_inputs(self, encoder, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                       token_type_ids=None, position_ids=None, **kwargs) -> dict:
+        if position_ids is not None:
+            warnings.warn("position_ids are ignored with prompt tuning (the virtual tokens shift every position)")
+        causal = self.peft_config[self._active[0]].task_type == TaskType.CAUSAL_LM
+        inputs = with_prompts(encoder, self.base_model.model.get_input_embeddings(), input_ids, inputs_embeds,
+                              attention_mask, labels, token_type_ids, extend_labels=causal)
+        return {**kwargs, **inputs}
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
         """Activate one adapter, or several (their deltas are summed); they become trainable."""
@@ -145,6 +183,8 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
+        if len(names) > 1 and set(names) & set(self._prompt_names()):
+            raise ValueError("only one prompt-learning adapter can be active at a time")
         self._active = names
         self._apply_active()
 
@@ -153,6 +193,10 @@ class PeftModel(nn.Module):
         for _, module in self._switchable():
             module.set_active(self._active)
         injection.freeze(model)
+        prompts = self._prompt_names()
+        for name in prompts:
+            for p in self.prompt_encoder[name].parameters():
+                p.requires_grad_(name in self._active and not self.peft_config[name].inference_mode)
         for name in self._active:
             config = self.peft_config[name]
             if config.inference_mode:
@@ -170,6 +214,8 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"unknown adapter {adapter_name!r}; available: {list(self.peft_config)}")
         injection.delete_adapter(self.base_model.model, adapter_name)
+        if adapter_name in self._prompt_names():
+            del self.prompt_encoder[adapter_name]
         del self.peft_config[adapter_name]
         remaining = [n for n in self._active if n != adapter_name]
         self._active = remaining or list(self.peft_config)[:1]
@@ -181,9 +227,11 @@ class PeftModel(nn.Module):
         modules = [m for _, m in self._switchable()]
         for m in modules:
             m.set_disabled(True)
+        self._prompt_off = True
         try:
             yield
         finally:
+            self._prompt_off = False
             for m in modules:
                 m.set_disabled(False)
 
@@ -198,6 +246,8 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
+        if set(names) & set(self._prompt_names()):
+            raise ValueError("prompt-learning adapters add virtual tokens; they have no weights to merge")
         done = []
         try:
             for _, layer in injection.adapter_layers(self.base_model.model):
@@ -298,6 +348,8 @@ class PeftModel(nn.Module):
         config = config or PeftConfig.from_pretrained(directory)
         config = config.replace(inference_mode=not is_trainable)
         weights = ckpt.read_adapter_weights(directory)
+        from .tasks import task_model_class
+
         target_cls = task_model_class(config.task_type) if cls is PeftModel else cls
         peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
@@ -325,54 +377,5 @@ class PeftModel(nn.Module):
 
     def _load_weights(self, weights: dict, adapter_name: str) -> None:
         bias = getattr(self.peft_config[adapter_name], "bias", "none")
-        missing = ckpt.load_into(self, _with_prefix(weights), adapter_name, bias)
+        missing = ckpt.load_into(self, ckpt.from_peft_keys(self, weights, adapter_name), adapter_name, bias)
         ckpt.warn_missing(missing, adapter_name)
-
-
-def _with_prefix(weights: dict) -> dict:
-    """Accept keys with or without peft's ``base_model.model.`` prefix."""
-    prefix = "base_model.model."
-    return {k if k.startswith(prefix) else prefix + k: v for k, v in weights.items()}
-
-
-class PeftModelForCausalLM(PeftModel):
-    """Causal language models; ``generate`` runs the base model's generation with adapters active."""
-
-    def generate(self, *args, **kwargs):
-        return self.base_model.model.generate(*args, **kwargs)
-
-
-class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
-    """Encoder-decoder language models (T5, BART, ...)."""
-
-
-class PeftModelForSequenceClassification(PeftModel):
-    """Sequence classification; the new head (``classifier``/``score``) is trained in full."""
-
-    default_modules_to_save = ("classifier", "score")
-
-
-class PeftModelForTokenClassification(PeftModel):
-    default_modules_to_save = ("classifier", "score")
-
-
-class PeftModelForQuestionAnswering(PeftModel):
-    default_modules_to_save = ("qa_outputs",)
-
-
-class PeftModelForFeatureExtraction(PeftModel):
-    """Encoders used for embeddings / as backbones."""
-
-
-_TASK_MODELS = {
-    TaskType.CAUSAL_LM: PeftModelForCausalLM,
-    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
-    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
-    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
-    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
-    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
-}
-
-
-def task_model_class(task_type: Optional[TaskType]) -> type:
-    return PeftModel if task_type is None else _TASK_MODELS[TaskType(task_type)]

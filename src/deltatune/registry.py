@@ -35,15 +35,30 @@ class Method:
     is_linear: Callable[[nn.Module], bool]
 
 
-_METHODS: dict[PeftType, Method] = {}
+@dataclass(frozen=True)
+class PromptMethod:
+    """A prompt-learning method: no layers are wrapped; a prompt encoder (one per adapter, held by the
+    PeftModel as ``prompt_encoder[name]``) supplies virtual tokens to the forward call.
+
+    Attributes:
+        encoder_cls: ``(config, word_embeddings) -> nn.Module`` with ``adapter_params()`` and
+            ``checkpoint_kind``.
+    """
+
+    peft_type: PeftType
+    config_cls: type
+    encoder_cls: type
 
 
-def register(method: Method) -> Method:
+_METHODS: dict[PeftType, Method | PromptMethod] = {}
+
+
+def register(method):
     _METHODS[method.peft_type] = method
     return method
 
 
-def get_method(peft_type) -> Method:
+def get_method(peft_type):
     """The registered method for a ``PeftType`` (or its string value)."""
     from . import methods  # noqa: F401  (importing the package registers every method)
 
@@ -58,4 +73,4 @@ def get_method(peft_type) -> Method:
 def adapter_layer_types() -> tuple[type, ...]:
     from . import methods  # noqa: F401
 
-    return tuple(m.layer_cls for m in _METHODS.values())
+    return tuple(m.layer_cls for m in _METHODS.values() if isinstance(m, Method))

@@ -1,0 +1,49 @@
+"""``PromptTuningConfig`` (Lester et al., 2021): learned virtual-token embeddings prepended to the input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from ...config import ConfigError, PeftConfig, PeftType, check_number
+
+_INITS = ("RANDOM", "TEXT")
+
+
+@dataclass
+class PromptTuningConfig(PeftConfig):
+    """Prompt tuning: ``num_virtual_tokens`` trainable embeddings go before the input embeddings.
+
+    Args:
+        num_virtual_tokens: How many virtual tokens (> 0).
+        token_dim: Embedding size; filled from the model when None.
+        num_transformer_submodules: 1 for decoder-only/encoder models (2 for encoder-decoder in peft;
+            not supported here yet).
+        num_attention_heads, num_layers: Recorded from the model, as peft does.
+        prompt_tuning_init: ``"RANDOM"`` or ``"TEXT"`` (start from the embeddings of
+            ``prompt_tuning_init_text``, tokenized with ``tokenizer_name_or_path``).
+    """
+
+    num_virtual_tokens: int = 20
+    token_dim: Optional[int] = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: Optional[str] = None
+    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_kwargs: Optional[dict] = None
+    modules_to_save: Optional[list] = None
+
+    peft_type: ClassVar[PeftType] = PeftType.PROMPT_TUNING
+
+    def validate(self) -> None:
+        check_number("num_virtual_tokens", self.num_virtual_tokens, low=0, integer=True)
+        if hasattr(self.prompt_tuning_init, "value"):
+            self.prompt_tuning_init = self.prompt_tuning_init.value
+        if self.prompt_tuning_init not in _INITS:
+            raise ConfigError(f"prompt_tuning_init must be one of {_INITS}, got {self.prompt_tuning_init!r}")
+        if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
+            raise ConfigError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ConfigError("num_transformer_submodules > 1 (encoder-decoder prompt tuning) is not supported yet")

@@ -1,0 +1,78 @@
+"""The prompt encoder of prompt tuning and how its virtual tokens enter a forward call."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+class PromptEmbedding(nn.Module):
+    """``num_virtual_tokens`` trainable vectors of the model's embedding size: ``weight (n, dim)``."""
+
+    checkpoint_kind = "prompt"
+
+    def __init__(self, config, word_embeddings: nn.Embedding):
+        super().__init__()
+        weight = word_embeddings.weight
+        self.embedding = nn.Embedding(config.num_virtual_tokens, config.token_dim, device=weight.device,
+                                      dtype=weight.dtype)
+        if config.prompt_tuning_init == "TEXT":
+            self._init_from_text(config, word_embeddings)
+
+    def _init_from_text(self, config, word_embeddings: nn.Embedding) -> None:
+        """Start from the embeddings of the init text's tokens, repeated or cut to the prompt length."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **(config.tokenizer_kwargs or {}))
+        ids = tokenizer(config.prompt_tuning_init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("prompt_tuning_init_text tokenizes to no tokens")
+        n = config.num_virtual_tokens
+        ids = (ids * (n // len(ids) + 1))[:n]
+        with torch.no_grad():
+            self.embedding.weight.copy_(word_embeddings(torch.tensor(ids, device=word_embeddings.weight.device)))
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"prompt_embeddings": self.embedding.weight}
+
+    def forward(self, batch_size: int) -> Tensor:
+        """``(batch, n, dim)`` virtual-token embeddings."""
+        return self.embedding.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def with_prompts(encoder: PromptEmbedding, word_embeddings: nn.Embedding, input_ids: Optional[Tensor],
+                 inputs_embeds: Optional[Tensor], attention_mask: Optional[Tensor], labels: Optional[Tensor] = None,
+                 token_type_ids: Optional[Tensor] = None, extend_labels: bool = True) -> dict:
+    """Model inputs with the virtual tokens in front: embeddings, attention mask (ones for the prompt),
+    labels (-100 for the prompt, for token-level losses) and token type ids (zeros)."""
+    if inputs_embeds is None:
+        inputs_embeds = word_embeddings(input_ids)
+    batch, n = inputs_embeds.shape[0], encoder.embedding.num_embeddings
+    prompts = encoder(batch).to(inputs_embeds.dtype)
+    out = {"inputs_embeds": torch.cat([prompts, inputs_embeds], dim=1)}
+    if attention_mask is not None:
+        ones = attention_mask.new_ones(batch, n)
+        out["attention_mask"] = torch.cat([ones, attention_mask], dim=1)
+    if labels is not None:
+        out["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1) if extend_labels else labels
+    if token_type_ids is not None:
+        out["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, n), token_type_ids], dim=1)
+    return out
+
+
+def build_prompt_encoder(method, config, model: nn.Module):
+    """``(config with the model's sizes filled in, prompt encoder)`` for a prompt-learning adapter."""
+    from ...config import TaskType
+
+    if config.task_type not in (None, TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.FEATURE_EXTRACTION):
+        raise ValueError(f"{config.peft_type.value} is supported for CAUSAL_LM, SEQ_CLS and FEATURE_EXTRACTION "
+                         f"models in this version, not {config.task_type.value}")
+    embeddings = model.get_input_embeddings()
+    model_config = getattr(model, "config", None)
+    found = dict(token_dim=embeddings.embedding_dim, num_transformer_submodules=1,
+                 num_layers=getattr(model_config, "num_hidden_layers", None),
+                 num_attention_heads=getattr(model_config, "num_attention_heads", None))
+    config = config.replace(**{k: v for k, v in found.items() if getattr(config, k) is None})
+    return config, method.encoder_cls(config, embeddings)

@@ -1,0 +1,61 @@
+"""The task wrappers: what a PeftModel adds for causal LMs (``generate``), classification heads, etc."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .config import TaskType
+from .methods.prompt_tuning.encoder import with_prompts
+from .model import PeftModel
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Causal language models; ``generate`` runs the base model's generation with adapters active."""
+
+    def generate(self, *args, **kwargs):
+        encoder = self._active_prompt()
+        if encoder is None:
+            return self.base_model.model.generate(*args, **kwargs)
+        input_ids = args[0] if args else kwargs.pop("input_ids", None)
+        inputs = with_prompts(encoder, self.base_model.model.get_input_embeddings(), input_ids,
+                              kwargs.pop("inputs_embeds", None), kwargs.pop("attention_mask", None))
+        new_tokens = self.base_model.model.generate(**inputs, **kwargs)  # from embeddings: new tokens only
+        return new_tokens if input_ids is None else torch.cat([input_ids, new_tokens], dim=1)
+
+
+class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
+    """Encoder-decoder language models (T5, BART, ...)."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Sequence classification; the new head (``classifier``/``score``) is trained in full."""
+
+    default_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(PeftModel):
+    default_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    default_modules_to_save = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Encoders used for embeddings / as backbones."""
+
+
+_TASK_MODELS = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
+def task_model_class(task_type: Optional[TaskType]) -> type:
+    return PeftModel if task_type is None else _TASK_MODELS[TaskType(task_type)]
