@@ -110,3 +110,40 @@ def test_bad_uses_are_clear_errors():
     lora = dt.get_peft_model(tiny_llama(), dt.LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="cannot share one model"):
         lora.add_adapter("prompt", dt.PromptTuningConfig(num_virtual_tokens=3))
+
+
+@pytest.mark.parametrize("kind", ["MLP", "LSTM"])
+@pytest.mark.parametrize("direction", ["peft->deltatune", "deltatune->peft"])
+def test_p_tuning_checkpoints_hold_the_encoder_output(kind, direction, tmp_path):
+    src, dst = (peft, dt) if direction == "peft->deltatune" else (dt, peft)
+    kwargs = dict(task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=16, encoder_reparameterization_type=kind)
+    source = src.get_peft_model(tiny_llama(), src.PromptEncoderConfig(**kwargs))
+    perturb_trainable(source, 2, 0.3)
+    inputs = text_inputs()
+    with torch.no_grad():
+        want = source(**inputs).logits
+    source.save_pretrained(str(tmp_path))
+    target = dst.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(target(**inputs).logits, want, rtol=0, atol=1e-5)
+    config = json.load(open(tmp_path / "adapter_config.json"))
+    assert config["peft_type"] == "P_TUNING" and config["encoder_reparameterization_type"] == kind
+
+
+def test_p_tuning_trains_the_reparameterisation():
+    model = dt.get_peft_model(tiny_llama(), dt.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                                   encoder_hidden_size=16))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    inputs = text_inputs()
+    model.train()
+    losses = []
+    for _ in range(10):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert grads and all(n.startswith("prompt_encoder.default.") for n in grads)
+        assert any("mlp_head" in n for n in grads)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

@@ -10,6 +10,7 @@ from .mapping import (
 )
 from .methods.ia3 import IA3Config
 from .methods.lora import DoRAConfig, LoraConfig
+from .methods.p_tuning import PromptEncoderConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .model import PeftModel
 from .tasks import (
@@ -40,6 +41,7 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PromptEncoderConfig",
     "PromptTuningConfig",
     "TargetError",
     "TaskType",

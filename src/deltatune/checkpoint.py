@@ -171,6 +171,9 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
     Returns:
         The adapter keys the checkpoint did not provide (missing keys).
     """
+    prompts = getattr(model, "prompt_encoder", None)
+    if isinstance(prompts, nn.ModuleDict) and adapter_name in prompts and hasattr(prompts[adapter_name], "prepare_load"):
+        prompts[adapter_name].prepare_load()  # e.g. P-tuning: the file holds final prompts, not encoder weights
     # Keys are compared in a canonical form without ``.base_layer``: a bias saved as
     # ``x.base_layer.bias`` (its layer had an adapter then) is ``x.bias`` on a plain layer now.
     wanted = {_unwrapped(k): v for k, v in adapter_tensors(model, adapter_name, bias, peft_layout=True).items()}

@@ -49,7 +49,7 @@ def with_prompts(encoder: PromptEmbedding, word_embeddings: nn.Embedding, input_
     labels (-100 for the prompt, for token-level losses) and token type ids (zeros)."""
     if inputs_embeds is None:
         inputs_embeds = word_embeddings(input_ids)
-    batch, n = inputs_embeds.shape[0], encoder.embedding.num_embeddings
+    batch, n = inputs_embeds.shape[0], encoder.embedding.num_embeddings  # every prompt encoder has .embedding
     prompts = encoder(batch).to(inputs_embeds.dtype)
     out = {"inputs_embeds": torch.cat([prompts, inputs_embeds], dim=1)}
     if attention_mask is not None:
