@@ -8,6 +8,7 @@ from .mapping import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
+from .methods.adalora import AdaLoraConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import DoRAConfig, LoraConfig
 from .methods.p_tuning import PromptEncoderConfig
@@ -27,6 +28,7 @@ from .targeting import TargetError
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "CheckpointError",
     "ConfigError",
     "DoRAConfig",

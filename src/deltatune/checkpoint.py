@@ -31,6 +31,7 @@ PICKLE_NAME = "adapter_model.bin"
 HF_SUFFIXES = {
     "lora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"},
     "ia3": {"ia3_l": "ia3_l"},
+    "adalora": {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"},
     "lora_embedding": {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B",
                        "lora_magnitude_vector": "lora_magnitude_vector"},
 }
@@ -70,7 +71,7 @@ def _atomic(path: str, write) -> None:
 
 # --------------------------------------------------------------------------- state dicts
 def adapter_tensors(model: nn.Module, adapter_name: str, bias: str = "none",
-                    peft_layout: bool = False) -> dict[str, Tensor]:
+                    peft_layout: bool = False, for_save: bool = False) -> dict[str, Tensor]:
     """The live tensors of one adapter under their HF keys (relative to ``model``).
 
     Covers the adapter layers' declared tensors, modules_to_save copies (parameters and buffers) and,
@@ -81,7 +82,10 @@ def adapter_tensors(model: nn.Module, adapter_name: str, bias: str = "none",
     for name, layer in adapter_layers(model):
         if adapter_name in layer.adapters:
             suffixes = HF_SUFFIXES[layer.checkpoint_kind]
-            for role, tensor in layer.adapter_params(adapter_name).items():
+            # A layer may save less than it trains (AdaLoRA keeps only its unpruned triplets).
+            params = layer.saved_params(adapter_name) if for_save and hasattr(layer, "saved_params") \
+                else layer.adapter_params(adapter_name)
+            for role, tensor in params.items():
                 out[f"{name}.{suffixes[role]}"] = tensor
         # As in peft, "lora_only" means the biases of every adapted layer, whichever adapter it holds.
         if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
@@ -157,7 +161,8 @@ def from_peft_keys(model: nn.Module, weights: dict[str, Tensor], adapter_name: s
 
 def state_dict_for_save(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
     """Detached, contiguous CPU copies of :func:`adapter_tensors` under peft's keys (what goes into the file)."""
-    tensors = to_peft_keys(model, adapter_tensors(model, adapter_name, bias, peft_layout=True), adapter_name)
+    tensors = to_peft_keys(model, adapter_tensors(model, adapter_name, bias, peft_layout=True, for_save=True),
+                           adapter_name)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 

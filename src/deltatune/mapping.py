@@ -63,7 +63,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
         adapter_name: Which adapter.
         config: The adapter's config, needed for ``bias`` with a bare model.
     """
-    live = ckpt.adapter_tensors(model, adapter_name, _bias(model, adapter_name, config), peft_layout=True)
+    live = ckpt.adapter_tensors(model, adapter_name, _bias(model, adapter_name, config), peft_layout=True, for_save=True)
     live = ckpt.to_peft_keys(model, live, adapter_name)
     if state_dict is None:
         return {k: v.detach() for k, v in live.items()}

@@ -94,7 +94,12 @@ class PeftModel(nn.Module):
     def forward(self, *args, **kwargs):
         encoder = self._active_prompt()
         if encoder is None:
-            return self.base_model.model(*args, **kwargs)
+            outputs = self.base_model.model(*args, **kwargs)
+            for name in self._active:
+                hook = getattr(get_method(self.peft_config[name].peft_type), "adjust_output", None)
+                if hook is not None:
+                    outputs = hook(self, outputs, self.peft_config[name], name)
+            return outputs
         if args:  # the first positional argument of transformers models is input_ids
             kwargs["input_ids"] = args[0]
         return self.base_model.model(**self._prompt_inputs(encoder, **kwargs))
@@ -234,6 +239,21 @@ class PeftModel(nn.Module):
             self._prompt_off = False
             for m in modules:
                 m.set_disabled(False)
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA: after each optimizer step, update importance scores and reallocate ranks."""
+        from .methods.adalora import RankAllocator
+
+        name = next((n for n in self._active if self.peft_config[n].peft_type.value == "ADALORA"), None)
+        if name is None:
+            raise ValueError("update_and_allocate needs an active AdaLoRA adapter")
+        allocators = self.__dict__.setdefault("_allocators", {})
+        if name not in allocators or allocators[name].config is not self.peft_config[name]:
+            allocators[name] = RankAllocator(self.peft_config[name], name)
+        pattern = allocators[name].step(self.base_model.model, global_step)
+        if pattern:
+            self.peft_config[name] = self.peft_config[name].replace(rank_pattern=pattern)
+            allocators[name].config = self.peft_config[name]
 
     # ------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:

@@ -6,7 +6,7 @@ The core (injection, checkpoint, model) asks the registry; it never names a meth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -25,6 +25,7 @@ class Method:
         add_adapter: ``(layer, module_name, adapter_name, config, autocast_adapter_dtype) -> None``:
             create one adapter in a layer.
         is_linear: Which modules ``"all-linear"`` selects.
+        adjust_output: See the field's comment.
     """
 
     peft_type: PeftType
@@ -33,6 +34,9 @@ class Method:
     wrap: Callable[[nn.Module], nn.Module]
     add_adapter: Callable
     is_linear: Callable[[nn.Module], bool]
+    #: Optional ``(peft_model, outputs, config, adapter_name) -> outputs`` run after each forward
+    #: (e.g. AdaLoRA's orthogonality penalty added to the training loss).
+    adjust_output: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
