@@ -12,6 +12,7 @@ from .methods.adalora import AdaLoraConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import DoRAConfig, LoraConfig
 from .methods.p_tuning import PromptEncoderConfig
+from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .model import PeftModel
 from .tasks import (
@@ -43,6 +44,7 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "TargetError",

@@ -20,6 +20,7 @@ from . import checkpoint as ckpt
 from . import injection
 from .config import PeftConfig, TaskType
 from .quant.bnb import param_numel
+from .methods.prefix_tuning.encoder import with_prefix
 from .methods.prompt_tuning.encoder import build_prompt_encoder, with_prompts
 from .registry import PromptMethod, get_method
 
@@ -177,6 +178,11 @@ class PeftModel(nn.Module):
                        token_type_ids=None, position_ids=None, **kwargs) -> dict:
         if position_ids is not None:
             warnings.warn("position_ids are ignored with prompt tuning (the virtual tokens shift every position)")
+        if getattr(encoder, "is_prefix", False):  # prefix tuning: a pre-filled key/value cache
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            model = self.base_model.model
+            return {**kwargs, "labels": labels, **with_prefix(encoder, model, input_ids, inputs_embeds, attention_mask)}
         causal = self.peft_config[self._active[0]].task_type == TaskType.CAUSAL_LM
         inputs = with_prompts(encoder, self.base_model.model.get_input_embeddings(), input_ids, inputs_embeds,
                               attention_mask, labels, token_type_ids, extend_labels=causal)

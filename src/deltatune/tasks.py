@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .config import TaskType
+from .methods.prefix_tuning.encoder import with_prefix
 from .methods.prompt_tuning.encoder import with_prompts
 from .model import PeftModel
 
@@ -19,10 +20,22 @@ class PeftModelForCausalLM(PeftModel):
         if encoder is None:
             return self.base_model.model.generate(*args, **kwargs)
         input_ids = args[0] if args else kwargs.pop("input_ids", None)
+        if getattr(encoder, "is_prefix", False):
+            return self._generate_with_prefix(encoder, input_ids, kwargs)
         inputs = with_prompts(encoder, self.base_model.model.get_input_embeddings(), input_ids,
                               kwargs.pop("inputs_embeds", None), kwargs.pop("attention_mask", None))
         new_tokens = self.base_model.model.generate(**inputs, **kwargs)  # from embeddings: new tokens only
         return new_tokens if input_ids is None else torch.cat([input_ids, new_tokens], dim=1)
+
+    def _generate_with_prefix(self, encoder, input_ids, kwargs):
+        """generate() sees the prefix cache as already-processed tokens: give it n placeholder ids in front
+        (never embedded: the cache covers them) and remove them from the result."""
+        model = self.base_model.model
+        n = encoder.config.num_virtual_tokens
+        pad = input_ids.new_zeros(input_ids.shape[0], n)
+        inputs = with_prefix(encoder, model, input_ids, None, kwargs.pop("attention_mask", None))
+        inputs["input_ids"] = torch.cat([pad, input_ids], dim=1)
+        return model.generate(**inputs, **kwargs)[:, n:]
 
 
 class PeftModelForSeq2SeqLM(PeftModelForCausalLM):

@@ -1,3 +1,3 @@
 """Adapter methods; importing this package registers each of them."""
 
-from . import adalora, ia3, lora, p_tuning, prompt_tuning  # noqa: F401
+from . import adalora, ia3, lora, p_tuning, prefix_tuning, prompt_tuning  # noqa: F401

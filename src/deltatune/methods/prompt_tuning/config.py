@@ -37,6 +37,14 @@ class PromptTuningConfig(PeftConfig):
 
     peft_type: ClassVar[PeftType] = PeftType.PROMPT_TUNING
 
+    @staticmethod
+    def model_sizes(model) -> dict:
+        """The sizes this method records from the model (virtual tokens live in the embedding space)."""
+        config = getattr(model, "config", None)
+        return dict(token_dim=model.get_input_embeddings().embedding_dim, num_transformer_submodules=1,
+                    num_layers=getattr(config, "num_hidden_layers", None),
+                    num_attention_heads=getattr(config, "num_attention_heads", None))
+
     def validate(self) -> None:
         check_number("num_virtual_tokens", self.num_virtual_tokens, low=0, integer=True)
         if hasattr(self.prompt_tuning_init, "value"):

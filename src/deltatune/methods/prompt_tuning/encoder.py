@@ -69,10 +69,6 @@ def build_prompt_encoder(method, config, model: nn.Module):
     if config.task_type not in (None, TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.FEATURE_EXTRACTION):
         raise ValueError(f"{config.peft_type.value} is supported for CAUSAL_LM, SEQ_CLS and FEATURE_EXTRACTION "
                          f"models in this version, not {config.task_type.value}")
-    embeddings = model.get_input_embeddings()
-    model_config = getattr(model, "config", None)
-    found = dict(token_dim=embeddings.embedding_dim, num_transformer_submodules=1,
-                 num_layers=getattr(model_config, "num_hidden_layers", None),
-                 num_attention_heads=getattr(model_config, "num_attention_heads", None))
+    found = config.model_sizes(model)
     config = config.replace(**{k: v for k, v in found.items() if getattr(config, k) is None})
-    return config, method.encoder_cls(config, embeddings)
+    return config, method.encoder_cls(config, model.get_input_embeddings())
