@@ -11,6 +11,32 @@ import torch
 import deltatune as dt
 from conftest import perturb_trainable, text_inputs, tiny_bert_cls, tiny_llama
 
+def _greedy(model, inputs, steps):
+    """The reference for generate(): one full forward per new token, argmax appended."""
+    seq = inputs["input_ids"]
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    return seq
+
+
+def _train_lm(model, steps, lr=0.01):
+    """A few Adam steps on a fixed batch; returns the losses and the names that received gradients."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = text_inputs()
+    model.train()
+    losses, grads = [], set()
+    for _ in range(steps):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        grads |= {n for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, grads
+
+
 CASES = [
     ("llama-causal", tiny_llama, dict(task_type="CAUSAL_LM", num_virtual_tokens=5)),
     ("bert-seq-cls", tiny_bert_cls, dict(task_type="SEQ_CLS", num_virtual_tokens=4)),
@@ -46,12 +72,7 @@ def test_generate_is_greedy_decoding_with_the_prompt():
     perturb_trainable(model, 1, 0.5)
     inputs = text_inputs(batch=1, seq=4)
     out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
-    seq = inputs["input_ids"]
-    with torch.no_grad():  # the reference: one full forward per new token
-        for _ in range(6):
-            nxt = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-    assert torch.equal(out, seq)
+    assert torch.equal(out, _greedy(model, inputs, 6))
     with model.disable_adapter():  # and without the prompt it is the base model's generation
         plain = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
     base = tiny_llama().generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -133,19 +154,9 @@ def test_p_tuning_checkpoints_hold_the_encoder_output(kind, direction, tmp_path)
 def test_p_tuning_trains_the_reparameterisation():
     model = dt.get_peft_model(tiny_llama(), dt.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
                                                                    encoder_hidden_size=16))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    inputs = text_inputs()
-    model.train()
-    losses = []
-    for _ in range(10):
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        grads = {n for n, p in model.named_parameters() if p.grad is not None}
-        assert grads and all(n.startswith("prompt_encoder.default.") for n in grads)
-        assert any("mlp_head" in n for n in grads)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses, grads = _train_lm(model, 10)
+    assert grads and all(n.startswith("prompt_encoder.default.") for n in grads)
+    assert any("mlp_head" in n for n in grads)
     assert losses[-1] < losses[0]
 
 
@@ -174,24 +185,9 @@ def test_prefix_generate_and_training():
     perturb_trainable(model, 4, 0.5)
     inputs = text_inputs(batch=1, seq=4)
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-    seq = inputs["input_ids"]
-    with torch.no_grad():  # greedy decoding by full forwards through the prefix
-        for _ in range(5):
-            nxt = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-    assert torch.equal(out, seq)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    batch = text_inputs()
-    model.train()
-    losses = []
-    for _ in range(8):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        grads = {n for n, p in model.named_parameters() if p.grad is not None}
-        assert grads and all(n.startswith("prompt_encoder.default.") for n in grads)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    assert torch.equal(out, _greedy(model, inputs, 5))  # greedy decoding by full forwards through the prefix
+    losses, grads = _train_lm(model, 8)
+    assert grads and all(n.startswith("prompt_encoder.default.") for n in grads)
     assert losses[-1] < losses[0]
 
 
