@@ -191,8 +191,58 @@ def test_prefix_generate_and_training():
     assert losses[-1] < losses[0]
 
 
+def test_prefix_tuning_is_refused_where_unsupported():
+    with pytest.raises(ValueError, match="CAUSAL_LM"):
+        dt.get_peft_model(tiny_bert_cls(), dt.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+
+
 def test_prefix_tuning_needs_a_model_with_a_cache():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
     model.get_input_embeddings = lambda: model[0]
     with pytest.raises(ValueError, match="key/value cache"):
         dt.get_peft_model(model, dt.PrefixTuningConfig(num_virtual_tokens=2))
+
+
+@pytest.mark.parametrize("config_name", ["PromptTuningConfig", "PromptEncoderConfig"])
+@pytest.mark.parametrize("direction", ["peft->deltatune", "deltatune->peft"])
+def test_seq2seq_prompts_both_ways(config_name, direction, tmp_path):
+    from conftest import t5_inputs, tiny_t5
+
+    src, dst = (peft, dt) if direction == "peft->deltatune" else (dt, peft)
+    source = src.get_peft_model(tiny_t5(), getattr(src, config_name)(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
+    perturb_trainable(source, 5, 0.5)
+    inputs = t5_inputs()
+    batch = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                 labels=text_inputs(seq=5, seed=7)["input_ids"])
+    with torch.no_grad():
+        want = source(**batch)
+    source.save_pretrained(str(tmp_path))
+    assert load_prompt_rows(tmp_path) == 6  # peft's layout: 2 x num_virtual_tokens for encoder-decoder models
+    target = dst.PeftModel.from_pretrained(tiny_t5(), str(tmp_path))
+    with torch.no_grad():
+        got = target(**batch)
+        plain = tiny_t5()(**batch)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=1e-5)
+    assert (got.logits - plain.logits).abs().max() > 1e-3
+
+
+def load_prompt_rows(folder) -> int:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))["prompt_embeddings"].shape[0]
+
+
+def test_seq2seq_generate_is_greedy_decoding_with_the_prompt():
+    from conftest import tiny_t5
+
+    model = dt.get_peft_model(tiny_t5(), dt.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
+    perturb_trainable(model, 6, 2.0)
+    inputs = text_inputs(batch=1, seq=6)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    dec = torch.zeros(1, 1, dtype=torch.long)  # decoder_start_token_id
+    with torch.no_grad():
+        for _ in range(4):
+            nxt = model(**inputs, decoder_input_ids=dec).logits[:, -1].argmax(-1, keepdim=True)
+            dec = torch.cat([dec, nxt], dim=1)
+    assert torch.equal(out, dec)

@@ -38,8 +38,17 @@ class PeftModelForCausalLM(PeftModel):
         return model.generate(**inputs, **kwargs)[:, n:]
 
 
-class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
-    """Encoder-decoder language models (T5, BART, ...)."""
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder language models (T5, BART, ...); prompts go in front of the encoder input."""
+
+    def generate(self, *args, **kwargs):
+        encoder = self._active_prompt()
+        if encoder is None:
+            return self.base_model.model.generate(*args, **kwargs)
+        input_ids = args[0] if args else kwargs.pop("input_ids", None)
+        inputs = with_prompts(encoder, self.base_model.model.get_input_embeddings(), input_ids,
+                              kwargs.pop("inputs_embeds", None), kwargs.pop("attention_mask", None))
+        return self.base_model.model.generate(**inputs, **kwargs)  # decoder tokens, as without prompts
 
 
 class PeftModelForSequenceClassification(PeftModel):

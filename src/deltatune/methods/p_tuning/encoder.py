@@ -17,7 +17,8 @@ class PromptEncoder(nn.Module):
     def __init__(self, config, word_embeddings: nn.Embedding):
         super().__init__()
         weight = word_embeddings.weight
-        n, dim = config.num_virtual_tokens, config.token_dim
+        n, dim = config.total_virtual_tokens(), config.token_dim
+        self.num_virtual_tokens = config.num_virtual_tokens
         hidden = config.encoder_hidden_size or dim
         kw = dict(device=weight.device, dtype=weight.dtype)
         self.embedding = nn.Embedding(n, dim, **kw)

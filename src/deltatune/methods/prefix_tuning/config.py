@@ -32,6 +32,10 @@ class PrefixTuningConfig(PromptTuningConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.num_transformer_submodules not in (None, 1):
+            from ...config import ConfigError
+
+            raise ConfigError("prefix tuning for encoder-decoder models is not supported yet")
         if self.encoder_hidden_size is not None:
             check_number("encoder_hidden_size", self.encoder_hidden_size, low=0, integer=True)
 

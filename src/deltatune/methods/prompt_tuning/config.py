@@ -17,8 +17,8 @@ class PromptTuningConfig(PeftConfig):
     Args:
         num_virtual_tokens: How many virtual tokens (> 0).
         token_dim: Embedding size; filled from the model when None.
-        num_transformer_submodules: 1 for decoder-only/encoder models (2 for encoder-decoder in peft;
-            not supported here yet).
+        num_transformer_submodules: 1 for decoder-only/encoder models, 2 for encoder-decoder models (as in
+            peft: ``2 * num_virtual_tokens`` embeddings, the first half prepended to the encoder input).
         num_attention_heads, num_layers: Recorded from the model, as peft does.
         prompt_tuning_init: ``"RANDOM"`` or ``"TEXT"`` (start from the embeddings of
             ``prompt_tuning_init_text``, tokenized with ``tokenizer_name_or_path``).
@@ -37,11 +37,16 @@ class PromptTuningConfig(PeftConfig):
 
     peft_type: ClassVar[PeftType] = PeftType.PROMPT_TUNING
 
+    def total_virtual_tokens(self) -> int:
+        return self.num_virtual_tokens * (self.num_transformer_submodules or 1)
+
     @staticmethod
     def model_sizes(model) -> dict:
         """The sizes this method records from the model (virtual tokens live in the embedding space)."""
         config = getattr(model, "config", None)
-        return dict(token_dim=model.get_input_embeddings().embedding_dim, num_transformer_submodules=1,
+        encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        return dict(token_dim=model.get_input_embeddings().embedding_dim,
+                    num_transformer_submodules=2 if encoder_decoder else 1,
                     num_layers=getattr(config, "num_hidden_layers", None),
                     num_attention_heads=getattr(config, "num_attention_heads", None))
 
@@ -53,5 +58,5 @@ class PromptTuningConfig(PeftConfig):
             raise ConfigError(f"prompt_tuning_init must be one of {_INITS}, got {self.prompt_tuning_init!r}")
         if self.prompt_tuning_init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
             raise ConfigError("prompt_tuning_init='TEXT' needs prompt_tuning_init_text and tokenizer_name_or_path")
-        if self.num_transformer_submodules not in (None, 1):
-            raise ConfigError("num_transformer_submodules > 1 (encoder-decoder prompt tuning) is not supported yet")
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ConfigError(f"num_transformer_submodules must be 1 or 2, got {self.num_transformer_submodules!r}")

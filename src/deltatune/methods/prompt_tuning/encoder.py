@@ -16,7 +16,8 @@ class PromptEmbedding(nn.Module):
     def __init__(self, config, word_embeddings: nn.Embedding):
         super().__init__()
         weight = word_embeddings.weight
-        self.embedding = nn.Embedding(config.num_virtual_tokens, config.token_dim, device=weight.device,
+        self.num_virtual_tokens = config.num_virtual_tokens  # used in front of the input (see with_prompts)
+        self.embedding = nn.Embedding(config.total_virtual_tokens(), config.token_dim, device=weight.device,
                                       dtype=weight.dtype)
         if config.prompt_tuning_init == "TEXT":
             self._init_from_text(config, word_embeddings)
@@ -29,7 +30,7 @@ class PromptEmbedding(nn.Module):
         ids = tokenizer(config.prompt_tuning_init_text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError("prompt_tuning_init_text tokenizes to no tokens")
-        n = config.num_virtual_tokens
+        n = config.total_virtual_tokens()
         ids = (ids * (n // len(ids) + 1))[:n]
         with torch.no_grad():
             self.embedding.weight.copy_(word_embeddings(torch.tensor(ids, device=word_embeddings.weight.device)))
@@ -49,8 +50,9 @@ def with_prompts(encoder: PromptEmbedding, word_embeddings: nn.Embedding, input_
     labels (-100 for the prompt, for token-level losses) and token type ids (zeros)."""
     if inputs_embeds is None:
         inputs_embeds = word_embeddings(input_ids)
-    batch, n = inputs_embeds.shape[0], encoder.embedding.num_embeddings  # every prompt encoder has .embedding
-    prompts = encoder(batch).to(inputs_embeds.dtype)
+    batch, n = inputs_embeds.shape[0], encoder.num_virtual_tokens
+    # Encoder-decoder configs hold 2n virtual tokens (peft's layout); the first n go before the input.
+    prompts = encoder(batch)[:, :n].to(inputs_embeds.dtype)
     out = {"inputs_embeds": torch.cat([prompts, inputs_embeds], dim=1)}
     if attention_mask is not None:
         ones = attention_mask.new_ones(batch, n)
@@ -66,9 +68,13 @@ def build_prompt_encoder(method, config, model: nn.Module):
     """``(config with the model's sizes filled in, prompt encoder)`` for a prompt-learning adapter."""
     from ...config import TaskType
 
-    if config.task_type not in (None, TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.FEATURE_EXTRACTION):
-        raise ValueError(f"{config.peft_type.value} is supported for CAUSAL_LM, SEQ_CLS and FEATURE_EXTRACTION "
-                         f"models in this version, not {config.task_type.value}")
+    if getattr(method.encoder_cls, "is_prefix", False):  # decoder-only caches only, so far
+        supported = [None, TaskType.CAUSAL_LM]
+    else:
+        supported = [None, TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.FEATURE_EXTRACTION, TaskType.SEQ_2_SEQ_LM]
+    if config.task_type not in supported:
+        raise ValueError(f"{config.peft_type.value} is supported for "
+                         f"{[t.value for t in supported if t]} models in this version, not {config.task_type.value}")
     found = config.model_sizes(model)
     config = config.replace(**{k: v for k, v in found.items() if getattr(config, k) is None})
     return config, method.encoder_cls(config, model.get_input_embeddings())
