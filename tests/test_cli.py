@@ -221,3 +221,17 @@ def test_ia3_method(tmp_path, tiny_models):
     keys = load_file(str(output / "adapter" / "adapter_model.safetensors"))
     assert any(k.endswith("output.dense.ia3_l") and v.shape[0] == 1 for k, v in keys.items())  # input scaling
     assert any(k.endswith("attention.self.key.ia3_l") and v.shape[1] == 1 for k, v in keys.items())
+
+
+@pytest.mark.parametrize("method", ["ia3", "adalora", "prompt"])
+def test_inspect_recognises_every_method(method, tmp_path, capsys):
+    import deltatune as dt
+    from conftest import tiny_llama
+
+    config = {"ia3": dt.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+              "adalora": dt.AdaLoraConfig(target_modules=["q_proj"], init_r=4, target_r=2, total_step=10),
+              "prompt": dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)}[method]
+    dt.get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path))
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "peft format:  yes" in out and config.peft_type.value in out

@@ -13,8 +13,8 @@ from ..config import CONFIG_NAME, PeftConfig
 from .report import human_bytes
 
 # Key shapes peft writes for the methods deltatune supports.
-_PEFT_KEY = re.compile(r"^base_model\.model\..+\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
-                       r"bias|weight|lora_magnitude_vector)$")
+_PEFT_KEY = re.compile(r"^(prompt_embeddings|base_model\.(model\.)?.+\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
+                       r"lora_embedding_B|lora_A|lora_B|lora_E|ia3_l|bias|weight|lora_magnitude_vector))$")
 
 
 def adapter_folder(path: str) -> str:
@@ -35,8 +35,8 @@ def inspect_command(path: str) -> str:
     with safe_open(weights, "pt") as fh:
         shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
     params = sum(_numel(s) for s in shapes.values())
-    modules = sorted({k.rsplit(".lora_", 1)[0] for k in shapes if ".lora_" in k})
-    ranks = sorted({s[0] for k, s in shapes.items() if k.endswith(("lora_A.weight", "lora_embedding_A"))})
+    modules = sorted({re.sub(r"\.(lora_\w+|ia3_l)(\.weight)?$", "", k) for k in shapes if ".lora_" in k or k.endswith(".ia3_l")})
+    ranks = sorted({s[0] for k, s in shapes.items() if k.endswith(("lora_A.weight", "lora_embedding_A", ".lora_A"))})
     bad_keys = [k for k in shapes if not _PEFT_KEY.match(k)]
     known = set(config.to_dict()) | {"peft_version"}
     unknown_fields = sorted(set(raw) - known)
