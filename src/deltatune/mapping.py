@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt
 from . import injection
 from .config import PeftConfig
-from .model import PeftModel
+from .model import PeftModel, activate
 from .tasks import task_model_class
 from .registry import get_method
 
@@ -35,14 +35,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     injection.inject(model, peft_config, adapter_name, get_method(peft_config.peft_type),
                      autocast_adapter_dtype)
     injection.add_modules_to_save(model, peft_config.modules_to_save, adapter_name)
-    injection.freeze(model)
-    for _, module in list(injection.adapter_layers(model)) + list(injection.saved_module_wrappers(model)):
-        module.set_active([adapter_name])
-    if not peft_config.inference_mode:
-        bias = getattr(peft_config, "bias", "none")
-        for tensor in ckpt.adapter_tensors(model, adapter_name, bias).values():
-            if isinstance(tensor, nn.Parameter):
-                tensor.requires_grad_(True)
+    activate(model, [adapter_name], {adapter_name: peft_config})
     return model
 
 

@@ -52,6 +52,22 @@ def _uses_checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def activate(model: nn.Module, names: Sequence[str], configs: dict[str, PeftConfig]) -> None:
+    """Run adapters ``names`` in every layer and saved-module wrapper of ``model``; freeze everything
+    else, and make the named adapters' tensors (per their ``bias`` setting) trainable unless their config
+    is in inference mode."""
+    for _, module in list(injection.adapter_layers(model)) + list(injection.saved_module_wrappers(model)):
+        module.set_active(names)
+    injection.freeze(model)
+    for name in names:
+        config = configs[name]
+        if config.inference_mode:
+            continue
+        for tensor in ckpt.adapter_tensors(model, name, getattr(config, "bias", "none")).values():
+            if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
+                tensor.requires_grad_(True)
+
+
 def _check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
@@ -200,21 +216,10 @@ class PeftModel(nn.Module):
         self._apply_active()
 
     def _apply_active(self) -> None:
-        model = self.base_model.model
-        for _, module in self._switchable():
-            module.set_active(self._active)
-        injection.freeze(model)
-        prompts = self._prompt_names()
-        for name in prompts:
+        activate(self.base_model.model, self._active, self.peft_config)
+        for name in self._prompt_names():
             for p in self.prompt_encoder[name].parameters():
                 p.requires_grad_(name in self._active and not self.peft_config[name].inference_mode)
-        for name in self._active:
-            config = self.peft_config[name]
-            if config.inference_mode:
-                continue
-            for tensor in ckpt.adapter_tensors(model, name, getattr(config, "bias", "none")).values():
-                if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
-                    tensor.requires_grad_(True)
 
     def _switchable(self):
         model = self.base_model.model

@@ -15,6 +15,9 @@ from .model import PeftModel
 class PeftModelForCausalLM(PeftModel):
     """Causal language models; ``generate`` runs the base model's generation with adapters active."""
 
+    #: Generation from prompt embeddings returns only new tokens; a causal LM's result starts with its input.
+    _echo_input_ids = True
+
     def generate(self, *args, **kwargs):
         encoder = self._active_prompt()
         if encoder is None:
@@ -25,7 +28,9 @@ class PeftModelForCausalLM(PeftModel):
         inputs = with_prompts(encoder, self.base_model.model.get_input_embeddings(), input_ids,
                               kwargs.pop("inputs_embeds", None), kwargs.pop("attention_mask", None))
         new_tokens = self.base_model.model.generate(**inputs, **kwargs)  # from embeddings: new tokens only
-        return new_tokens if input_ids is None else torch.cat([input_ids, new_tokens], dim=1)
+        if input_ids is None or not self._echo_input_ids:
+            return new_tokens
+        return torch.cat([input_ids, new_tokens], dim=1)
 
     def _generate_with_prefix(self, encoder, input_ids, kwargs):
         """generate() sees the prefix cache as already-processed tokens: give it n placeholder ids in front
@@ -38,17 +43,11 @@ class PeftModelForCausalLM(PeftModel):
         return model.generate(**inputs, **kwargs)[:, n:]
 
 
-class PeftModelForSeq2SeqLM(PeftModel):
-    """Encoder-decoder language models (T5, BART, ...); prompts go in front of the encoder input."""
+class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
+    """Encoder-decoder language models (T5, BART, ...); prompts go in front of the encoder input and
+    ``generate`` returns decoder tokens, as without prompts (prefix tuning is refused for them)."""
 
-    def generate(self, *args, **kwargs):
-        encoder = self._active_prompt()
-        if encoder is None:
-            return self.base_model.model.generate(*args, **kwargs)
-        input_ids = args[0] if args else kwargs.pop("input_ids", None)
-        inputs = with_prompts(encoder, self.base_model.model.get_input_embeddings(), input_ids,
-                              kwargs.pop("inputs_embeds", None), kwargs.pop("attention_mask", None))
-        return self.base_model.model.generate(**inputs, **kwargs)  # decoder tokens, as without prompts
+    _echo_input_ids = False
 
 
 class PeftModelForSequenceClassification(PeftModel):
