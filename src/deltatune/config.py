@@ -13,7 +13,7 @@ import enum
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 CONFIG_NAME = "adapter_config.json"
@@ -186,4 +186,4 @@ def check_number(name: str, value: Any, *, low: float, high: float | None = None
         raise ConfigError(f"{name} must be {lo}{hi}, got {value!r}")
 
 
-__all__ = ["PeftConfig", "PeftType", "TaskType", "ConfigError", "CONFIG_NAME", "check_number", "field"]
+__all__ = ["PeftConfig", "PeftType", "TaskType", "ConfigError", "CONFIG_NAME", "check_number"]

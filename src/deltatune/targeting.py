@@ -115,6 +115,3 @@ def no_match_message(targets: Targets, names: Sequence[str], what: str = "target
         lines.append(f"  module names look like: {suffixes[:20]}")
     return "\n".join(lines)
 
-
-def find_close(name: str, names: Sequence[str]) -> list[str]:
-    return difflib.get_close_matches(name, list(names), n=5, cutoff=0.5)
