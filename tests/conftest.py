@@ -147,6 +147,32 @@ def random_lora(model, seed: int = 0, scale: float = 0.3) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
+def greedy_reference(model, inputs, steps):
+    """The reference for generate(): one full forward per new token, argmax appended."""
+    seq = inputs["input_ids"]
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    return seq
+
+
+def train_lm_steps(model, steps, lr=0.01):
+    """A few Adam steps on a fixed batch; returns the losses and the names that received gradients."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batch = text_inputs()
+    model.train()
+    losses, grads = [], set()
+    for _ in range(steps):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        grads |= {n for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, grads
+
+
 @pytest.fixture
 def tmp_dir(tmp_path):
     return str(tmp_path)

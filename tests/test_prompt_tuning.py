@@ -9,33 +9,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import perturb_trainable, text_inputs, tiny_bert_cls, tiny_llama
-
-def _greedy(model, inputs, steps):
-    """The reference for generate(): one full forward per new token, argmax appended."""
-    seq = inputs["input_ids"]
-    with torch.no_grad():
-        for _ in range(steps):
-            nxt = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-    return seq
-
-
-def _train_lm(model, steps, lr=0.01):
-    """A few Adam steps on a fixed batch; returns the losses and the names that received gradients."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    batch = text_inputs()
-    model.train()
-    losses, grads = [], set()
-    for _ in range(steps):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        grads |= {n for n, p in model.named_parameters() if p.grad is not None}
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, grads
-
+from conftest import greedy_reference, perturb_trainable, text_inputs, tiny_bert_cls, tiny_llama, train_lm_steps
 
 CASES = [
     ("llama-causal", tiny_llama, dict(task_type="CAUSAL_LM", num_virtual_tokens=5)),
@@ -72,7 +46,7 @@ def test_generate_is_greedy_decoding_with_the_prompt():
     perturb_trainable(model, 1, 0.5)
     inputs = text_inputs(batch=1, seq=4)
     out = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert torch.equal(out, _greedy(model, inputs, 6))
+    assert torch.equal(out, greedy_reference(model, inputs, 6))
     with model.disable_adapter():  # and without the prompt it is the base model's generation
         plain = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
     base = tiny_llama().generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -154,53 +128,10 @@ def test_p_tuning_checkpoints_hold_the_encoder_output(kind, direction, tmp_path)
 def test_p_tuning_trains_the_reparameterisation():
     model = dt.get_peft_model(tiny_llama(), dt.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
                                                                    encoder_hidden_size=16))
-    losses, grads = _train_lm(model, 10)
+    losses, grads = train_lm_steps(model, 10)
     assert grads and all(n.startswith("prompt_encoder.default.") for n in grads)
     assert any("mlp_head" in n for n in grads)
     assert losses[-1] < losses[0]
-
-
-@pytest.mark.parametrize("projection", [False, True])
-@pytest.mark.parametrize("direction", ["peft->deltatune", "deltatune->peft"])
-def test_prefix_tuning_checkpoints_both_ways(projection, direction, tmp_path):
-    src, dst = (peft, dt) if direction == "peft->deltatune" else (dt, peft)
-    kwargs = dict(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=projection, encoder_hidden_size=16)
-    source = src.get_peft_model(tiny_llama(), src.PrefixTuningConfig(**kwargs))  # grouped-query attention model
-    perturb_trainable(source, 3, 0.5)
-    inputs = text_inputs()
-    with torch.no_grad():
-        want = source(**inputs, labels=inputs["input_ids"])
-    source.save_pretrained(str(tmp_path))
-    target = dst.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
-    with torch.no_grad():
-        got = target(**inputs, labels=inputs["input_ids"])
-    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=1e-5)
-    assert (want.logits - tiny_llama()(**inputs).logits).abs().max() > 1e-3
-
-
-def test_prefix_generate_and_training():
-    model = dt.get_peft_model(tiny_llama(), dt.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
-                                                                  prefix_projection=True, encoder_hidden_size=16))
-    perturb_trainable(model, 4, 0.5)
-    inputs = text_inputs(batch=1, seq=4)
-    out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert torch.equal(out, _greedy(model, inputs, 5))  # greedy decoding by full forwards through the prefix
-    losses, grads = _train_lm(model, 8)
-    assert grads and all(n.startswith("prompt_encoder.default.") for n in grads)
-    assert losses[-1] < losses[0]
-
-
-def test_prefix_tuning_is_refused_where_unsupported():
-    with pytest.raises(ValueError, match="CAUSAL_LM"):
-        dt.get_peft_model(tiny_bert_cls(), dt.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
-
-
-def test_prefix_tuning_needs_a_model_with_a_cache():
-    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4))
-    model.get_input_embeddings = lambda: model[0]
-    with pytest.raises(ValueError, match="key/value cache"):
-        dt.get_peft_model(model, dt.PrefixTuningConfig(num_virtual_tokens=2))
 
 
 @pytest.mark.parametrize("config_name", ["PromptTuningConfig", "PromptEncoderConfig"])

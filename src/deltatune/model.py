@@ -197,8 +197,9 @@ class PeftModel(nn.Module):
         if getattr(encoder, "is_prefix", False):  # prefix tuning: a pre-filled key/value cache
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = token_type_ids
-            model = self.base_model.model
-            return {**kwargs, "labels": labels, **with_prefix(encoder, model, input_ids, inputs_embeds, attention_mask)}
+            model, decoder_mask = self.base_model.model, kwargs.pop("decoder_attention_mask", None)
+            prefix = with_prefix(encoder, model, input_ids, inputs_embeds, attention_mask, decoder_mask)
+            return {**kwargs, "labels": labels, **prefix}
         causal = self.peft_config[self._active[0]].task_type == TaskType.CAUSAL_LM
         inputs = with_prompts(encoder, self.base_model.model.get_input_embeddings(), input_ids, inputs_embeds,
                               attention_mask, labels, token_type_ids, extend_labels=causal)

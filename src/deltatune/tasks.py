@@ -44,10 +44,27 @@ class PeftModelForCausalLM(PeftModel):
 
 
 class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
-    """Encoder-decoder language models (T5, BART, ...); prompts go in front of the encoder input and
-    ``generate`` returns decoder tokens, as without prompts (prefix tuning is refused for them)."""
+    """Encoder-decoder language models (T5, BART, ...); prompts go in front of the encoder input, prefixes
+    into the decoder's self-attention, and ``generate`` returns decoder tokens, as without adapters."""
 
     _echo_input_ids = False
+
+    def _generate_with_prefix(self, encoder, input_ids, kwargs):
+        """The prefix cache is in the decoder: n placeholder decoder ids go before the start token (never
+        embedded: the cache covers them) and are removed from the result."""
+        model = self.base_model.model
+        n = encoder.config.num_virtual_tokens
+        start = kwargs.pop("decoder_input_ids", None)
+        if start is None:
+            token = getattr(model.generation_config, "decoder_start_token_id", None)
+            token = model.config.decoder_start_token_id if token is None else token
+            start = input_ids.new_full((input_ids.shape[0], 1), token)
+        # A decoder mask as long as the decoder ids is how generate() knows to feed only the ids after the cache.
+        mask = kwargs.pop("decoder_attention_mask", None)
+        mask = torch.ones_like(start) if mask is None else mask
+        inputs = with_prefix(encoder, model, input_ids, None, kwargs.pop("attention_mask", None), mask)
+        inputs["decoder_input_ids"] = torch.cat([start.new_zeros(start.shape[0], n), start], dim=1)
+        return model.generate(**inputs, **kwargs)[:, n:]
 
 
 class PeftModelForSequenceClassification(PeftModel):

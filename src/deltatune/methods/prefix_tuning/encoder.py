@@ -53,27 +53,56 @@ class PrefixEncoder(nn.Module):
         self.raw = True
 
     def cache(self, batch: int, dtype: torch.dtype):
-        """A transformers ``DynamicCache`` holding the prefixes' keys and values for every layer."""
-        from transformers import DynamicCache
+        """A transformers cache holding the prefixes' keys and values for every layer.
+
+        Encoder-decoder models get them in the decoder's self-attention cache, beside an empty
+        cross-attention cache that the model fills from the encoder's output (peft's arrangement).
+        """
+        from transformers import DynamicCache, EncoderDecoderCache
 
         c = self.config
         n, heads = c.num_virtual_tokens, c.num_attention_heads
         kv = self.prefixes().to(dtype).view(n, c.num_layers * 2, heads, c.token_dim // heads)
         kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (2L, B, heads, n, head_dim)
         cache = DynamicCache()
+        rows = 2 * c.num_layers
+        # Encoder-decoder models: peft doubles the 2L rows to 4L and gives decoder layer i rows 4i..4i+3 as
+        # (self k, self v, cross k, cross v), dropping the cross pair; so layer i's self-attention reads rows
+        # 4i and 4i+1, modulo 2L. Kept for checkpoint compatibility (with L even, odd layers' rows go unused).
+        stride = 4 if c.num_transformer_submodules == 2 else 2
         for layer in range(c.num_layers):
-            cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+            row = (stride * layer) % rows
+            cache.update(kv[row], kv[row + 1], layer)
+        if c.num_transformer_submodules == 2:
+            return EncoderDecoderCache(cache, DynamicCache())
         return cache
 
 
-def cache_kwarg(model: nn.Module) -> str:
-    """transformers 5 calls the cache argument ``cache``; earlier versions ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def cache_kwarg(model: nn.Module) -> Optional[str]:
+    """The name under which ``model`` takes a key/value cache (transformers 5: ``cache``; earlier:
+    ``past_key_values``), looking through to the backbone for heads that pass ``**kwargs`` on; None if none."""
+    candidates = [model]
+    backbone = getattr(model, "base_model", None)
+    if isinstance(backbone, nn.Module) and backbone is not model:
+        candidates.append(backbone)
+    for i, module in enumerate(candidates):
+        params = inspect.signature(module.forward).parameters
+        for name in ("cache", "past_key_values"):
+            if name in params:
+                return name
+        if i == 0 and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return None  # a head without **kwargs cannot pass a cache to its backbone
+    return None
 
 
 def with_prefix(encoder: PrefixEncoder, model: nn.Module, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor],
-                attention_mask: Optional[Tensor]) -> dict:
-    """Model inputs with the prefix cache and an attention mask that covers the prefix."""
+                attention_mask: Optional[Tensor], decoder_attention_mask: Optional[Tensor] = None) -> dict:
+    """Model inputs with the prefix cache and the attention mask that sees the prefix.
+
+    Decoder-only and encoder models: ``attention_mask`` gets ``n`` leading ones (created when absent).
+    Encoder-decoder models: the prefix is in the decoder, so ``decoder_attention_mask`` gets them (when
+    given); the encoder's mask is left as is.
+    """
     ref = inputs_embeds if inputs_embeds is not None else input_ids
     batch = ref.shape[0]
     dtype = model.get_input_embeddings().weight.dtype
@@ -83,6 +112,17 @@ def with_prefix(encoder: PrefixEncoder, model: nn.Module, input_ids: Optional[Te
     if inputs_embeds is not None:
         out["inputs_embeds"] = inputs_embeds
     n = encoder.config.num_virtual_tokens
-    mask = attention_mask if attention_mask is not None else torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
-    out["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+    if encoder.config.num_transformer_submodules == 2:
+        if attention_mask is not None:
+            out["attention_mask"] = attention_mask
+        if decoder_attention_mask is not None:
+            out["decoder_attention_mask"] = _ones_before(decoder_attention_mask, n)
+        return out
+    if attention_mask is None:
+        attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+    out["attention_mask"] = _ones_before(attention_mask, n)
     return out
+
+
+def _ones_before(mask: Tensor, n: int) -> Tensor:
+    return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)

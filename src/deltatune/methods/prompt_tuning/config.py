@@ -36,6 +36,8 @@ class PromptTuningConfig(PeftConfig):
     modules_to_save: Optional[list] = None
 
     peft_type: ClassVar[PeftType] = PeftType.PROMPT_TUNING
+    #: Recorded sizes that must equal the model's (the others are informational, as in peft).
+    binding_sizes: ClassVar[tuple] = ("token_dim",)
 
     def total_virtual_tokens(self) -> int:
         return self.num_virtual_tokens * (self.num_transformer_submodules or 1)

@@ -68,13 +68,17 @@ def build_prompt_encoder(method, config, model: nn.Module):
     """``(config with the model's sizes filled in, prompt encoder)`` for a prompt-learning adapter."""
     from ...config import TaskType
 
-    if getattr(method.encoder_cls, "is_prefix", False):  # decoder-only caches only, so far
-        supported = [None, TaskType.CAUSAL_LM]
-    else:
-        supported = [None, TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.FEATURE_EXTRACTION, TaskType.SEQ_2_SEQ_LM]
+    supported = [None, TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.FEATURE_EXTRACTION, TaskType.SEQ_2_SEQ_LM]
+    if getattr(method.encoder_cls, "is_prefix", False):  # the prefix is not in the sequence: per-token heads work
+        supported += [TaskType.TOKEN_CLS, TaskType.QUESTION_ANS]
     if config.task_type not in supported:
         raise ValueError(f"{config.peft_type.value} is supported for "
                          f"{[t.value for t in supported if t]} models in this version, not {config.task_type.value}")
     found = config.model_sizes(model)
+    wrong = [f"{k}={getattr(config, k)} (the model has {found[k]})" for k in config.binding_sizes
+             if getattr(config, k) is not None and found.get(k) is not None and getattr(config, k) != found[k]]
+    if wrong:
+        raise ValueError(f"this {config.peft_type.value} adapter does not fit {type(model).__name__}: "
+                         f"{', '.join(wrong)}; it was made for another model")
     config = config.replace(**{k: v for k, v in found.items() if getattr(config, k) is None})
     return config, method.encoder_cls(config, model.get_input_embeddings())
