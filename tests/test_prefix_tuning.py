@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import (VOCAB, greedy_reference, perturb_trainable, t5_inputs, text_inputs, tiny_bert_cls, tiny_llama,
-                      tiny_t5, train_lm_steps)
+from conftest import (VOCAB, greedy_reference, perturb_trainable, t5_inputs, text_inputs, tiny_bert_cls, tiny_gpt2_cls,
+                      tiny_gpt2_lm, tiny_llama, tiny_t5, train_lm_steps)
 
 
 def _t5(layers):
@@ -32,17 +32,18 @@ def _round_trip(direction, build, config_kwargs, tmp_path, seed=3):
     return source, dst.PeftModel.from_pretrained(build(), str(tmp_path))
 
 
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2_lm], ids=["llama-gqa", "gpt2"])
 @pytest.mark.parametrize("projection", [False, True])
 @pytest.mark.parametrize("direction", ["peft->deltatune", "deltatune->peft"])
-def test_causal_lm_checkpoints_both_ways(projection, direction, tmp_path):
+def test_causal_lm_checkpoints_both_ways(build, projection, direction, tmp_path):
     kwargs = dict(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=projection, encoder_hidden_size=16)
-    source, target = _round_trip(direction, tiny_llama, kwargs, tmp_path)  # grouped-query attention model
+    source, target = _round_trip(direction, build, kwargs, tmp_path)
     inputs = text_inputs()
     with torch.no_grad():
         want, got = (m(**inputs, labels=inputs["input_ids"]) for m in (source, target))
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=1e-5)
-    assert (want.logits - tiny_llama()(**inputs).logits).abs().max() > 1e-3
+    assert (want.logits - build()(**inputs).logits).abs().max() > 1e-3
 
 
 def test_causal_lm_generate_and_training():
@@ -104,7 +105,7 @@ def test_seq2seq_generate_is_greedy_decoding_and_training_lowers_the_loss():
     assert losses[-1] < losses[0]
 
 
-# Encoder classifiers (BERT): with transformers 5 peft 0.21 cannot run this forward itself (it looks for a
+# Classifiers (BERT, GPT-2): with transformers 5 peft 0.21 cannot run this forward itself (it looks for a
 # `past_key_values` argument, now called `cache`), so the reference is what its forward does: the base model
 # called with peft's own prefix cache and an attention mask with n leading ones.
 def _peft_reference(peft_model, inputs):
@@ -114,17 +115,18 @@ def _peft_reference(peft_model, inputs):
     return peft_model.base_model(**{**inputs, "attention_mask": mask}, cache=peft_model.get_prompt(batch))
 
 
+@pytest.mark.parametrize("build", [tiny_bert_cls, tiny_gpt2_cls], ids=["bert", "gpt2"])
 @pytest.mark.parametrize("direction", ["peft->deltatune", "deltatune->peft"])
-def test_sequence_classification_checkpoints_both_ways(direction, tmp_path):
+def test_sequence_classification_checkpoints_both_ways(build, direction, tmp_path):
     kwargs = dict(task_type="SEQ_CLS", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=16)
-    source, target = _round_trip(direction, tiny_bert_cls, kwargs, tmp_path)
+    source, target = _round_trip(direction, build, kwargs, tmp_path)
     ours, theirs = (source, target) if direction == "deltatune->peft" else (target, source)
     inputs, labels = text_inputs(), torch.tensor([0, 2])
     inputs["attention_mask"][1, 5:] = 0
     with torch.no_grad():
         want = _peft_reference(theirs, {**inputs, "labels": labels})
         got = ours(**inputs, labels=labels)
-        plain = tiny_bert_cls()(**inputs).logits
+        plain = build()(**inputs).logits
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=1e-5)
     assert (got.logits - plain).abs().max() > 1e-3

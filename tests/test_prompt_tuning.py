@@ -9,11 +9,14 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import greedy_reference, perturb_trainable, text_inputs, tiny_bert_cls, tiny_llama, train_lm_steps
+from conftest import (greedy_reference, perturb_trainable, text_inputs, tiny_bert_cls, tiny_gpt2_cls, tiny_gpt2_lm,
+                      tiny_llama, train_lm_steps)
 
 CASES = [
     ("llama-causal", tiny_llama, dict(task_type="CAUSAL_LM", num_virtual_tokens=5)),
     ("bert-seq-cls", tiny_bert_cls, dict(task_type="SEQ_CLS", num_virtual_tokens=4)),
+    ("gpt2-seq-cls", tiny_gpt2_cls, dict(task_type="SEQ_CLS", num_virtual_tokens=4)),
+    ("gpt2-causal", tiny_gpt2_lm, dict(task_type="CAUSAL_LM", num_virtual_tokens=3)),
 ]
 
 
