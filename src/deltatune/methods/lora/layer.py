@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from ... import adapter_state
 from . import functional as LF
 from ...quant.bnb import dequantize_weight, is_quantized, replace_weight, warn_requantize
-from .dora import DoraState, add_dora, dora_inference_
+from . import inference
+from .dora import DoraState, add_dora
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -122,7 +123,9 @@ class LoraLayer(nn.Module):
             # m starts at ||W + s B A|| per output row, so the layer starts as plain LoRA would.
             with torch.no_grad():
                 norm = self._dora.norm(self, adapter, use_cache=False)
-            adapter.lora_magnitude_vector = nn.Parameter(norm.to(adapter.lora_A.dtype).reshape(self._magnitude_shape()))
+            # A copy: the cached norm must not share storage with m, which training changes in place.
+            m = norm.to(adapter.lora_A.dtype).reshape(self._magnitude_shape()).clone()
+            adapter.lora_magnitude_vector = nn.Parameter(m)
         self.adapters[name] = adapter
 
     def undo_adapter(self, name: str) -> None:
@@ -266,25 +269,38 @@ class LoraLinear(LoraLayer):
         return LF.linear_delta_weight(ad.lora_A.float(), ad.lora_B.float(), ad.scaling, self.fan_in_fan_out)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(x, *args, **kwargs)
-        if not self._run:
-            return out
+        run, base = self._run, self._modules["base_layer"]  # (no nn.Module.__getattr__ in the hot path)
+        if not run:
+            return base(x, *args, **kwargs)
         autocast = torch.is_autocast_enabled(x.device.type)
-        # nn.Linear does not keep its output for backward, so the adapter can add into it in place
-        # (one fused addmm, no out-sized temporary); other bases get an out-of-place add.
-        inplace = type(self.base_layer) is nn.Linear and out.is_contiguous() and not autocast
-        for ad in self._run:
+        if type(base) is not nn.Linear or autocast or base._forward_hooks:
+            return self._add_deltas(x, base(x, *args, **kwargs), run, autocast, inplace=False)
+        # nn.Linear keeps neither its input nor its output for backward, so the adapters add into the output
+        # in place. Given a 2-D x that output is a fresh tensor: an in-place op on a view of it would make
+        # autograd copy the output-sized gradient three times in backward (CopySlices).
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        out = base(x, *args, **kwargs)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (the cached factors are eager-only)
+            out = self._add_deltas(x, out, run, autocast, inplace=True)
+        else:
+            for ad in run:
+                if inference.usable(ad, x, out, self.training):
+                    out = inference.apply_(self, x, out, ad)
+                else:
+                    out = self._add_deltas(x, out, [ad], autocast, inplace=True)
+        return out.view(*shape[:-1], out.shape[-1])
+
+    def _add_deltas(self, x: Tensor, out: Tensor, run, autocast: bool, inplace: bool) -> Tensor:
+        """``out`` with each adapter of ``run`` applied in order; ``inplace`` needs a 2-D ``out`` that
+        nothing keeps for backward."""
+        for ad in run:
             A, B = ad.lora_A, ad.lora_B
             xa = x if autocast or x.dtype == A.dtype else x.to(A.dtype)
             if ad.dropout > 0.0 and self.training and not autocast:
                 delta = LF.linear_delta_dropout(xa, A, B, ad.scaling, ad.dropout)
-            elif (ad.lora_magnitude_vector is not None and not torch.is_grad_enabled()
-                  and out.is_contiguous() and not autocast):
-                out = dora_inference_(self, out, F.linear(xa, A), ad)
-                continue
             elif ad.lora_magnitude_vector is None and inplace and out.dtype == A.dtype:
-                hidden = F.linear(xa, A)
-                out.view(-1, out.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), B.t(), alpha=ad.scaling)
+                out.addmm_(F.linear(xa, A), B.t(), alpha=ad.scaling)  # one fused kernel, no out-sized temporary
                 continue
             else:
                 delta = LF.linear_delta(xa, A, B, ad.scaling, ad.dropout, self.training)

@@ -1,0 +1,174 @@
+"""The no-grad path of LoRA/DoRA on nn.Linear (cached, transposed factors) against the plain formula,
+and the training path's autograd graph (no output-sized copies)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+
+
+def _model(bias=True, seed=0, **config):
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(24, 20, bias=bias), nn.Tanh(), nn.Linear(20, 12, bias=bias))
+    config = {"r": 4, "lora_alpha": 12, "target_modules": ["0", "2"], "init_lora_weights": False, **config}
+    model = dt.get_peft_model(base, dt.LoraConfig(**config))
+    with torch.no_grad():  # magnitudes away from their start, so DoRA's scale is not 1
+        for name, p in model.named_parameters():
+            if "magnitude" in name:
+                p.mul_(torch.linspace(0.5, 1.5, p.numel()))
+    return model
+
+
+def _reference(model, x):
+    """The formula with plain tensors: for each layer, adapters in active order, LoRA adds and DoRA rescales."""
+    def layer_out(layer, h):
+        W, b = layer.base_layer.weight, layer.base_layer.bias
+        out = h @ W.T + (0 if b is None else b)
+        for name in layer.active:
+            ad = layer.adapters[name]
+            delta = ad.scaling * (h @ ad.lora_A.T) @ ad.lora_B.T
+            if ad.lora_magnitude_vector is None:
+                out = out + delta
+            else:
+                dense = W + ad.scaling * ad.lora_B @ ad.lora_A
+                scale = ad.lora_magnitude_vector / dense.norm(dim=1)
+                bb = 0 if b is None else b
+                out = bb + scale * (out - bb + delta)
+        return out
+    seq = model.base_model.model
+    return layer_out(seq[2], torch.tanh(layer_out(seq[0], x)))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(24,), (5, 24), (2, 3, 24)])
+def test_no_grad_path_equals_the_formula(dora, bias, shape):
+    model = _model(bias, use_dora=dora).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        got = model(x)
+    assert got.shape == (*shape[:-1], 12)
+    torch.testing.assert_close(got, _reference(model, x).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, model(x).detach(), rtol=1e-5, atol=1e-5)  # the grad-mode path agrees
+
+
+def test_several_adapters_mixed_lora_and_dora_in_order():
+    model = _model(seed=1)
+    model.add_adapter("dora", dt.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False,
+                                            use_dora=True))
+    model.add_adapter("second", dt.LoraConfig(r=3, target_modules=["0"], init_lora_weights=False))
+    model.set_adapter(["default", "dora", "second"])
+    model.eval()
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, _reference(model, x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_factors_follow_every_change():
+    model = _model(use_dora=True).eval()
+    layer = model.base_model.model[0]
+    ad = layer.adapters["default"]
+    x = torch.randn(3, 24)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), _reference(model, x).detach(), rtol=1e-5, atol=1e-5)
+
+    check()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x).pow(2).sum().backward()
+    optimizer.step()  # A, B and m change in place
+    check()
+    state = {k: v * 1.5 for k, v in dt.get_peft_model_state_dict(model).items()}
+    dt.set_peft_model_state_dict(model, state)  # a load
+    check()
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(0.5)  # the base changes (DoRA's norm depends on it)
+    check()
+    with torch.no_grad():
+        layer.base_layer.bias.add_(1.0)  # and its bias (DoRA does not rescale it)
+    check()
+    ad.lora_B = nn.Parameter(ad.lora_B.detach() * -1.0)  # a replaced tensor (same version counter)
+    check()
+    with torch.no_grad():
+        ad.lora_magnitude_vector.add_(0.25)
+    check()
+    ad.scaling = ad.scaling * 2
+    check()
+
+
+def test_dropout_in_train_mode_still_applies_without_grad():
+    model = _model(lora_dropout=0.5).train()
+    x = torch.randn(64, 24)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = model(x)
+        torch.manual_seed(1)
+        b = model(x)
+    assert (a - b).abs().max() > 1e-3  # different masks
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _reference(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_half_base_with_float32_adapters_takes_the_general_path():
+    model = _model(use_dora=True)
+    model.base_model.model.to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    model.eval()
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = model(x)
+    want = model(x).detach()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_training_graph_has_no_output_sized_copies():
+    """Adding into a view of the base output made autograd copy the output gradient in backward
+    (CopySlices); the layer now adds into a fresh 2-D output."""
+    model = _model().train()
+    out = model(torch.randn(2, 3, 24))
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    names = {type(fn).__name__ for fn in seen}
+    assert "AddmmBackward0" in names and not any("CopySlices" in n for n in names)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_compiled_no_grad_forward(dora):
+    model = _model(use_dora=dora).eval()
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_optimizer_steps_are_seen(dora):
+    """Fused AdamW (the transformers Trainer's default) updates parameters without bumping their version
+    counters; cached factors and DoRA norms must still follow."""
+    model = _model(use_dora=dora)
+    x = torch.randn(6, 24)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=True)
+    for _ in range(3):
+        model.train()
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.testing.assert_close(model(x), _reference(model, x), rtol=1e-5, atol=1e-5)  # grad mode (DoRA norm)
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), _reference(model, x), rtol=1e-5, atol=1e-5)
