@@ -62,6 +62,24 @@ def test_dropout_path_matches_the_plain_formula_with_the_same_mask(shape):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_dropout_added_in_place_into_the_base_output():
+    """The nn.Linear path adds the dropped-out delta into the base output in place: same values and
+    gradients (x through the base and the adapter, A, B) as base + the separate delta, same mask."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 24, requires_grad=True)
+    W = torch.randn(20, 24)
+    A = (torch.randn(4, 24) * 0.3).requires_grad_()
+    B = (torch.randn(20, 4) * 0.3).requires_grad_()
+    torch.manual_seed(5)
+    want = x @ W.T + LF.linear_delta_dropout(x, A, B, 1.5, 0.3)
+    torch.manual_seed(5)  # the same mask
+    got = LF.linear_dropout_add_(torch.nn.functional.linear(x, W), x, A, B, 1.5, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, [x, A, B], g), torch.autograd.grad(want, [x, A, B], g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
 def test_dropped_positions_are_bernoulli(p):
     torch.manual_seed(1)

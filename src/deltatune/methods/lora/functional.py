@@ -35,12 +35,18 @@ def sample_dropped(n: int, p: float, device) -> Tensor:
     """
     mean = n * p
     count = int(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 16)
-    gaps = torch.empty(count, device=device).geometric_(p).to(torch.int64)
-    positions = gaps.cumsum_(0).sub_(1)
+    positions = _geometric(count, p, device).cumsum_(0).sub_(1)
     while positions[-1] < n - 1:  # not enough gaps drawn (probability ~1e-9): keep drawing
-        more = torch.empty(count, device=device).geometric_(p).to(torch.int64).cumsum_(0)
-        positions = torch.cat([positions, more.add_(positions[-1])])
-    return positions[positions < n]
+        positions = torch.cat([positions, _geometric(count, p, device).cumsum_(0).add_(positions[-1])])
+    return positions[: int(torch.searchsorted(positions, n))]  # sorted: a binary search, not a mask
+
+
+def _geometric(count: int, p: float, device) -> Tensor:
+    """``count`` iid Geometric(p) draws on {1, 2, ...} by inverse CDF, ``floor(log U / log(1 - p)) + 1``
+    with ``U`` uniform on (0, 1]: ``P(G > k) = P(U <= (1 - p)^k) = (1 - p)^k``. (3-4x faster than
+    ``Tensor.geometric_`` on the CPU.)"""
+    u = torch.rand(count, device=device).neg_().add_(1.0)
+    return u.log_().div_(math.log1p(-p)).floor_().to(torch.int64).add_(1)
 
 
 def _dropped_copy(x2: Tensor, positions: Tensor, keep_scale: float) -> Tensor:
@@ -51,12 +57,12 @@ def _dropped_copy(x2: Tensor, positions: Tensor, keep_scale: float) -> Tensor:
 
 
 class _LoraDropoutLinear(torch.autograd.Function):
-    """``s * B A drop(x)`` whose autograd graph keeps ``x`` itself (no dropped-out copy), the rank-r
-    intermediate ``A drop(x)`` and the dropped positions (~p * n int32); ``drop(x)`` is rebuilt in
-    backward from those positions for ``dA`` only."""
+    """``s * B A drop(x)``, added in place into ``base_out`` when given, whose autograd graph keeps ``x``
+    itself (no dropped-out copy), the rank-r intermediate ``A drop(x)`` and the dropped positions
+    (~p * n int32); ``drop(x)`` is rebuilt in backward from those positions for ``dA`` only."""
 
     @staticmethod
-    def forward(ctx, x, A, B, scaling: float, p: float):
+    def forward(ctx, base_out, x, A, B, scaling: float, p: float):
         x2 = x.reshape(-1, x.shape[-1])
         positions = sample_dropped(x2.numel(), p, x.device)
         keep_scale = 1.0 / (1.0 - p)
@@ -65,8 +71,12 @@ class _LoraDropoutLinear(torch.autograd.Function):
         ctx.save_for_backward(x, A, B, hidden, compact)
         ctx.scaling, ctx.keep_scale = scaling, keep_scale
         ctx.mark_non_differentiable(positions)
-        out = F.linear(hidden, B).mul_(scaling)
-        return out.reshape(*x.shape[:-1], B.shape[0]), positions
+        if base_out is None:
+            out = F.linear(hidden, B).mul_(scaling).reshape(*x.shape[:-1], B.shape[0])
+        else:  # 2-D, kept by nothing: one fused kernel, no out-sized temporary
+            out = base_out.addmm_(hidden, B.t(), alpha=scaling)
+            ctx.mark_dirty(base_out)
+        return out, positions
 
     @staticmethod
     def backward(ctx, grad_out, _grad_positions):
@@ -74,18 +84,19 @@ class _LoraDropoutLinear(torch.autograd.Function):
         positions = compact.long()
         s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_hidden = (g @ B).mul_(s)  # (tokens, r)
+        grad_hidden = g @ (B * s)  # (tokens, r)
         grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[3]:
             grad_B = (g.t() @ hidden).mul_(s)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[2]:
             x2 = x.reshape(-1, x.shape[-1])
             grad_A = grad_hidden.t() @ _dropped_copy(x2, positions, ctx.keep_scale)
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[1]:
             grad_x = (grad_hidden @ A).mul_(ctx.keep_scale)
             grad_x.view(-1).index_fill_(0, positions, 0.0)
             grad_x = grad_x.reshape(x.shape)
-        return grad_x, grad_A, grad_B, None, None
+        grad_base = grad_out if ctx.needs_input_grad[0] else None  # out = base_out + delta
+        return grad_base, grad_x, grad_A, grad_B, None, None
 
 
 def linear_delta_dropout(x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float,
@@ -95,8 +106,14 @@ def linear_delta_dropout(x: Tensor, A: Tensor, B: Tensor, scaling: float, p: flo
     Each element of ``x`` is kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``, exactly as
     ``F.dropout``; ``return_positions`` also returns the flat indices that were dropped (for tests).
     """
-    out, positions = _LoraDropoutLinear.apply(x, A, B, scaling, p)
+    out, positions = _LoraDropoutLinear.apply(None, x, A, B, scaling, p)
     return (out, positions) if return_positions else out
+
+
+def linear_dropout_add_(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float) -> Tensor:
+    """``out += s * B A drop(x)`` in place, as :func:`linear_delta_dropout`; ``out: (tokens, out)`` must be
+    a fresh tensor that no autograd node keeps (a plain ``nn.Linear``'s output), ``x: (tokens, in)``."""
+    return _LoraDropoutLinear.apply(out, x, A, B, scaling, p)[0]
 
 
 def linear_delta_weight(A: Tensor, B: Tensor, scaling: float, fan_in_fan_out: bool = False) -> Tensor:

@@ -298,6 +298,9 @@ class LoraLinear(LoraLayer):
             A, B = ad.lora_A, ad.lora_B
             xa = x if autocast or x.dtype == A.dtype else x.to(A.dtype)
             if ad.dropout > 0.0 and self.training and not autocast:
+                if ad.lora_magnitude_vector is None and inplace and out.dtype == A.dtype:
+                    out = LF.linear_dropout_add_(out, xa, A, B, ad.scaling, ad.dropout)
+                    continue
                 delta = LF.linear_delta_dropout(xa, A, B, ad.scaling, ad.dropout)
             elif ad.lora_magnitude_vector is None and inplace and out.dtype == A.dtype:
                 out.addmm_(F.linear(xa, A), B.t(), alpha=ad.scaling)  # one fused kernel, no out-sized temporary
