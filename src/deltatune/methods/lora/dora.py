@@ -61,9 +61,9 @@ class DoraState:
         return restored.to(weight.dtype)
 
 
-def add_dora(layer, out: Tensor, delta: Tensor, ad) -> Tensor:
+def add_dora(layer, out: Tensor, delta: Optional[Tensor], ad) -> Tensor:
     """Apply one DoRA adapter to ``out`` (the base output, plus adapters applied before this one):
-    ``y = b + scale * (out - b + delta)``.
+    ``y = b + scale * (out - b + delta)`` (``delta=None``: ``out`` already includes it; rescaled in place).
 
     With several active adapters each one rescales what the ones before it produced, in the active
     order, which is how peft combines them. Only ``y`` is kept for backward (see ``dora_combine``).

@@ -168,7 +168,8 @@ def dora_row_norm(W: Tensor, A: Tensor, B: Tensor, scaling: float, fan_in_fan_ou
 
 
 class _DoraCombine(torch.autograd.Function):
-    """``y = b + scale * (W x + delta)`` from the base output ``out = W x + b`` and the LoRA ``delta``.
+    """``y = b + scale * (W x + delta)`` from the base output ``out = W x + b`` and the LoRA ``delta``
+    (``delta=None``: ``out`` already holds ``W x + b + delta`` and is rescaled in place).
 
     Autograd of the plain expression keeps two out-sized tensors per layer (``W x`` and ``delta``, for
     the gradient of ``scale``); this keeps only the output ``y`` (which the next op usually keeps
@@ -180,7 +181,11 @@ class _DoraCombine(torch.autograd.Function):
     def forward(ctx, out, delta, scale, bias, ch: int):
         view = [1] * out.dim()
         view[ch] = -1
-        y = (out + delta).mul_(scale.view(view))  # y = scale * (out + delta) + b (1 - scale)
+        if delta is None:
+            y = out.mul_(scale.view(view))
+            ctx.mark_dirty(out)
+        else:
+            y = (out + delta).mul_(scale.view(view))  # y = scale * (out + delta) + b (1 - scale)
         if bias is not None:
             y.add_((bias * (1 - scale)).view(view))
         ctx.save_for_backward(y, scale, bias)
@@ -199,11 +204,14 @@ class _DoraCombine(torch.autograd.Function):
             grad_scale = (gy if bias is None else gy - bias * g_sum) / scale
         if bias is not None and ctx.needs_input_grad[3]:
             grad_bias = g_sum * (1 - scale)  # the direct path; the path through ``out`` gives g * scale
-        return grad_in, grad_in, grad_scale, grad_bias, None
+        return grad_in, grad_in if ctx.needs_input_grad[1] else None, grad_scale, grad_bias, None
 
 
-def dora_combine(out: Tensor, delta: Tensor, scale: Tensor, bias: Tensor | None, ch: int = -1) -> Tensor:
-    """``b + scale * (out - b + delta)`` for one DoRA adapter; ``out`` is the base output with bias."""
+def dora_combine(out: Tensor, delta: Tensor | None, scale: Tensor, bias: Tensor | None, ch: int = -1) -> Tensor:
+    """``b + scale * (out - b + delta)`` for one DoRA adapter; ``out`` is the base output with bias.
+
+    ``delta=None``: ``out`` already includes the LoRA delta and is rescaled in place (it must be a fresh
+    tensor that no autograd node keeps)."""
     return _DoraCombine.apply(out, delta, scale, bias, ch % out.dim())
 
 

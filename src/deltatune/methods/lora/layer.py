@@ -294,97 +294,31 @@ class LoraLinear(LoraLayer):
     def _add_deltas(self, x: Tensor, out: Tensor, run, autocast: bool, inplace: bool) -> Tensor:
         """``out`` with each adapter of ``run`` applied in order; ``inplace`` needs a 2-D ``out`` that
         nothing keeps for backward."""
+        compiling = torch.compiler.is_compiling()  # dynamo cannot trace the in-place Functions (mark_dirty)
         for ad in run:
             A, B = ad.lora_A, ad.lora_B
             xa = x if autocast or x.dtype == A.dtype else x.to(A.dtype)
-            if ad.dropout > 0.0 and self.training and not autocast:
-                if ad.lora_magnitude_vector is None and inplace and out.dtype == A.dtype:
+            dropout = ad.dropout > 0.0 and self.training and not autocast
+            dora = ad.lora_magnitude_vector is not None
+            if inplace and out.dtype == A.dtype and not (compiling and (dropout or dora)):
+                # one fused kernel into out, no out-sized temporary
+                if dropout:
                     out = LF.linear_dropout_add_(out, xa, A, B, ad.scaling, ad.dropout)
-                    continue
-                delta = LF.linear_delta_dropout(xa, A, B, ad.scaling, ad.dropout)
-            elif ad.lora_magnitude_vector is None and inplace and out.dtype == A.dtype:
-                out.addmm_(F.linear(xa, A), B.t(), alpha=ad.scaling)  # one fused kernel, no out-sized temporary
+                else:
+                    out.addmm_(F.linear(xa, A), B.t(), alpha=ad.scaling)
+                if dora:
+                    out = add_dora(self, out, None, ad)  # rescaled in place
+                    inplace = False  # the DoRA output is kept for backward: no in-place adds after it
                 continue
+            if dropout:
+                delta = LF.linear_delta_dropout(xa, A, B, ad.scaling, ad.dropout)
             else:
                 delta = LF.linear_delta(xa, A, B, ad.scaling, ad.dropout, self.training)
-            if ad.lora_magnitude_vector is not None:
+            if dora:
                 out = add_dora(self, out, delta.to(out.dtype), ad)
-                inplace = False  # the DoRA output is kept for backward: no in-place adds after it
+                inplace = False
                 continue
             out = out.add_(delta.to(out.dtype)) if inplace else out + delta.to(out.dtype)
-        return out
-
-
-class LoraEmbedding(LoraLayer):
-    """LoRA on ``nn.Embedding``: ``y = E[ids] + s * (A^T[ids]) B^T``; ``ids: (...)`` -> ``(..., dim)``."""
-
-    checkpoint_kind = "lora_embedding"
-    _weight_out_dim = 1  # DoRA normalises each embedding dimension over the vocabulary
-
-    def _shapes(self, r):
-        num, dim = self.base_layer.weight.shape
-        return (r, num), (dim, r)
-
-    def _init_adapter(self, adapter, mode):
-        # Rows are looked up from A, so A = 0 / B ~ N(0, 1) keeps the identity at init while the
-        # gradient reaches A through a non-zero B.
-        with torch.no_grad():
-            if mode is False:
-                nn.init.normal_(adapter.lora_A)
-            else:
-                nn.init.zeros_(adapter.lora_A)
-            nn.init.normal_(adapter.lora_B)
-
-    def delta_weight(self, name):
-        ad = self.adapters[name]
-        return LF.embedding_delta_weight(ad.lora_A.float(), ad.lora_B.float(), ad.scaling)
-
-    def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(ids, *args, **kwargs)
-        base = self.base_layer
-        for ad in self._run:
-            delta = LF.embedding_delta(ids, ad.lora_A, ad.lora_B, ad.scaling, base.padding_idx,
-                                       base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-            out = self._accumulate(out, delta, ad)
-        return out
-
-
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-class LoraConv(LoraLayer):
-    """LoRA on ``nn.Conv1d/2d/3d``: ``A`` is a conv with the base kernel/stride/padding into ``r``
-    channels, ``B`` a 1x1 conv back to ``out`` channels. ``x: (N, in, *S)`` -> ``(N, out, *S')``."""
-
-    _channel_dim = 1
-
-    def __init__(self, base_layer: nn.Module):
-        if base_layer.groups != 1:
-            raise TypeError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
-        if base_layer.padding_mode != "zeros":
-            raise TypeError(f"LoRA on convolutions with padding_mode={base_layer.padding_mode!r} is not supported")
-        super().__init__(base_layer)
-        self._conv = _CONV_FN[base_layer.weight.dim() - 2]
-
-    def _magnitude_shape(self):
-        return (1, -1) + (1,) * (self.base_layer.weight.dim() - 2)  # peft keeps (1, out, 1, ...)
-
-    def _shapes(self, r):
-        out_c, in_c, *kernel = self.base_layer.weight.shape
-        return (r, in_c, *kernel), (out_c, r, *([1] * len(kernel)))
-
-    def delta_weight(self, name):
-        ad = self.adapters[name]
-        return LF.conv_delta_weight(ad.lora_A.float(), ad.lora_B.float(), ad.scaling)
-
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(x, *args, **kwargs)
-        b = self.base_layer
-        for ad in self._run:
-            xa = self._cast_input(x, ad.lora_A.dtype)
-            delta = LF.conv_delta(xa, ad.lora_A, ad.lora_B, ad.scaling, self._conv, b.stride, b.padding,
-                                  b.dilation, ad.dropout, self.training)
-            out = self._accumulate(out, delta, ad)
         return out
 
 
@@ -403,6 +337,9 @@ def is_linear(module: nn.Module) -> bool:
 
 def wrap_module(module: nn.Module) -> LoraLayer:
     """A fresh LoRA wrapper (no adapters yet) for a supported base layer, else a clear TypeError."""
+    from .conv import LoraConv
+    from .embedding import LoraEmbedding
+
     if isinstance(module, nn.Linear):
         return LoraLinear(module)
     conv1d = _conv1d_type()

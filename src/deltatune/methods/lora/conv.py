@@ -1,0 +1,48 @@
+"""LoRA on ``nn.Conv1d/2d/3d``: the wrapper; bookkeeping and merging come from :class:`LoraLayer`."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional as LF
+from .layer import LoraLayer
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: ``A`` is a conv with the base kernel/stride/padding into ``r``
+    channels, ``B`` a 1x1 conv back to ``out`` channels. ``x: (N, in, *S)`` -> ``(N, out, *S')``."""
+
+    _channel_dim = 1
+
+    def __init__(self, base_layer: nn.Module):
+        if base_layer.groups != 1:
+            raise TypeError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+        if base_layer.padding_mode != "zeros":
+            raise TypeError(f"LoRA on convolutions with padding_mode={base_layer.padding_mode!r} is not supported")
+        super().__init__(base_layer)
+        self._conv = _CONV_FN[base_layer.weight.dim() - 2]
+
+    def _magnitude_shape(self):
+        return (1, -1) + (1,) * (self.base_layer.weight.dim() - 2)  # peft keeps (1, out, 1, ...)
+
+    def _shapes(self, r):
+        out_c, in_c, *kernel = self.base_layer.weight.shape
+        return (r, in_c, *kernel), (out_c, r, *([1] * len(kernel)))
+
+    def delta_weight(self, name):
+        ad = self.adapters[name]
+        return LF.conv_delta_weight(ad.lora_A.float(), ad.lora_B.float(), ad.scaling)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        b = self.base_layer
+        for ad in self._run:
+            xa = self._cast_input(x, ad.lora_A.dtype)
+            delta = LF.conv_delta(xa, ad.lora_A, ad.lora_B, ad.scaling, self._conv, b.stride, b.padding,
+                                  b.dilation, ad.dropout, self.training)
+            out = self._accumulate(out, delta, ad)
+        return out

@@ -1,0 +1,43 @@
+"""LoRA on ``nn.Embedding``: the wrapper; bookkeeping and merging come from :class:`LoraLayer`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as LF
+from .layer import LoraLayer
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ``y = E[ids] + s * (A^T[ids]) B^T``; ``ids: (...)`` -> ``(..., dim)``."""
+
+    checkpoint_kind = "lora_embedding"
+    _weight_out_dim = 1  # DoRA normalises each embedding dimension over the vocabulary
+
+    def _shapes(self, r):
+        num, dim = self.base_layer.weight.shape
+        return (r, num), (dim, r)
+
+    def _init_adapter(self, adapter, mode):
+        # Rows are looked up from A, so A = 0 / B ~ N(0, 1) keeps the identity at init while the
+        # gradient reaches A through a non-zero B.
+        with torch.no_grad():
+            if mode is False:
+                nn.init.normal_(adapter.lora_A)
+            else:
+                nn.init.zeros_(adapter.lora_A)
+            nn.init.normal_(adapter.lora_B)
+
+    def delta_weight(self, name):
+        ad = self.adapters[name]
+        return LF.embedding_delta_weight(ad.lora_A.float(), ad.lora_B.float(), ad.scaling)
+
+    def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(ids, *args, **kwargs)
+        base = self.base_layer
+        for ad in self._run:
+            delta = LF.embedding_delta(ids, ad.lora_A, ad.lora_B, ad.scaling, base.padding_idx,
+                                       base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+            out = self._accumulate(out, delta, ad)
+        return out
