@@ -94,7 +94,8 @@ class _LoraDropoutLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_x = (grad_hidden @ A).mul_(ctx.keep_scale)
             grad_x.view(-1).index_fill_(0, positions, 0.0)
-            grad_x = grad_x.reshape(x.shape)
+            if grad_x.shape != x.shape:  # (a same-shape reshape is a view, which autograd cannot add into in place)
+                grad_x = grad_x.reshape(x.shape)
         grad_base = grad_out if ctx.needs_input_grad[0] else None  # out = base_out + delta
         return grad_base, grad_x, grad_A, grad_B, None, None
 
