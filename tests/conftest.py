@@ -157,20 +157,48 @@ def greedy_reference(model, inputs, steps):
     return seq
 
 
-def train_lm_steps(model, steps, lr=0.01):
-    """A few Adam steps on a fixed batch; returns the losses and the names that received gradients."""
+def greedy_seq2seq_reference(model, inputs, steps, start_token=0):
+    """The reference for an encoder-decoder generate(): decoder tokens by one full forward per new token."""
+    dec = torch.full((inputs["input_ids"].shape[0], 1), start_token, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = model(**inputs, decoder_input_ids=dec).logits[:, -1].argmax(-1, keepdim=True)
+            dec = torch.cat([dec, nxt], dim=1)
+    return dec
+
+
+def train_steps(model, batch, steps, lr=0.01):
+    """A few Adam steps on a fixed ``batch`` (labels included); returns the losses and the names of the
+    parameters that received gradients."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    batch = text_inputs()
     model.train()
     losses, grads = [], set()
     for _ in range(steps):
-        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss = model(**batch).loss
         loss.backward()
         grads |= {n for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses, grads
+
+
+def train_lm_steps(model, steps, lr=0.01):
+    """:func:`train_steps` for a language model on ``text_inputs()`` predicting its own tokens."""
+    batch = text_inputs()
+    return train_steps(model, {**batch, "labels": batch["input_ids"]}, steps, lr)
+
+
+
+def assert_prompt_and_head_train(model) -> None:
+    """A prompt-learning classifier trains exactly its prompt encoder and the head (modules_to_save), and
+    a few steps on a fixed batch lower its loss."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"prompt_encoder.default.embedding.weight",
+                         "base_model.model.classifier.modules_to_save.default.weight",
+                         "base_model.model.classifier.modules_to_save.default.bias"}
+    losses, grads = train_steps(model, {**text_inputs(), "labels": torch.tensor([0, 2])}, 10, lr=0.05)
+    assert grads == trainable and losses[-1] < losses[0]
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import (VOCAB, greedy_reference, perturb_trainable, t5_inputs, text_inputs, tiny_bert_cls, tiny_gpt2_cls,
-                      tiny_gpt2_lm, tiny_llama, tiny_t5, train_lm_steps)
+from conftest import (VOCAB, assert_prompt_and_head_train, greedy_reference, greedy_seq2seq_reference,
+                      perturb_trainable, t5_inputs, text_inputs, tiny_bert_cls, tiny_gpt2_cls, tiny_gpt2_lm, tiny_llama,
+                      tiny_t5, train_lm_steps, train_steps)
 
 
 def _t5(layers):
@@ -84,25 +85,12 @@ def test_seq2seq_generate_is_greedy_decoding_and_training_lowers_the_loss():
     perturb_trainable(model, 6, 2.0)
     inputs = text_inputs(batch=2, seq=6)
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None)
-    dec = torch.zeros(2, 1, dtype=torch.long)  # decoder_start_token_id
-    with torch.no_grad():
-        for _ in range(4):
-            nxt = model(**inputs, decoder_input_ids=dec).logits[:, -1].argmax(-1, keepdim=True)
-            dec = torch.cat([dec, nxt], dim=1)
+    dec = greedy_seq2seq_reference(model, inputs, 4)
     assert torch.equal(out, dec) and not torch.equal(dec[0], dec[1])
     # (peft 0.21's own seq2seq prefix generate gives the same tokens for both rows here: it departs from its forward)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     labels = text_inputs(seq=5, seed=7)["input_ids"]
-    model.train()
-    losses = []
-    for _ in range(8):
-        loss = model(**inputs, labels=labels).loss
-        loss.backward()
-        assert {n for n, p in model.named_parameters() if p.grad is not None} == {"prompt_encoder.default.embedding.weight"}
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    losses, grads = train_steps(model, {**inputs, "labels": labels}, 8, lr=0.05)
+    assert grads == {"prompt_encoder.default.embedding.weight"} and losses[-1] < losses[0]
 
 
 # Classifiers (BERT, GPT-2): with transformers 5 peft 0.21 cannot run this forward itself (it looks for a
@@ -140,22 +128,7 @@ def test_encoder_padding_is_masked_and_only_prefix_and_head_train():
               "attention_mask": torch.cat([inputs["attention_mask"], torch.zeros(1, 3, dtype=torch.long)], dim=1)}
     with torch.no_grad():
         torch.testing.assert_close(model(**padded).logits, model(**inputs).logits, rtol=0, atol=1e-5)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"prompt_encoder.default.embedding.weight",
-                         "base_model.model.classifier.modules_to_save.default.weight",
-                         "base_model.model.classifier.modules_to_save.default.bias"}
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    batch, labels = text_inputs(), torch.tensor([0, 2])
-    model.train()
-    losses = []
-    for _ in range(10):
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    assert_prompt_and_head_train(model)
 
 
 def test_token_classification_keeps_one_output_per_input_token():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import (greedy_reference, perturb_trainable, text_inputs, tiny_bert_cls, tiny_gpt2_cls, tiny_gpt2_lm,
-                      tiny_llama, train_lm_steps)
+from conftest import (assert_prompt_and_head_train, greedy_reference, greedy_seq2seq_reference, perturb_trainable,
+                      text_inputs, tiny_bert_cls, tiny_gpt2_cls, tiny_gpt2_lm, tiny_llama, train_lm_steps)
 
 CASES = [
     ("llama-causal", tiny_llama, dict(task_type="CAUSAL_LM", num_virtual_tokens=5)),
@@ -58,22 +58,7 @@ def test_generate_is_greedy_decoding_with_the_prompt():
 
 def test_training_updates_only_the_prompt_and_the_head():
     model = dt.get_peft_model(tiny_bert_cls(), dt.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"prompt_encoder.default.embedding.weight",
-                         "base_model.model.classifier.modules_to_save.default.weight",
-                         "base_model.model.classifier.modules_to_save.default.bias"}
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    inputs, labels = text_inputs(), torch.tensor([0, 2])
-    model.train()
-    losses = []
-    for _ in range(10):
-        loss = model(**inputs, labels=labels).loss
-        loss.backward()
-        assert {n for n, p in model.named_parameters() if p.grad is not None} == trainable
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    assert_prompt_and_head_train(model)
 
 
 def test_text_init_uses_the_token_embeddings():
@@ -174,9 +159,4 @@ def test_seq2seq_generate_is_greedy_decoding_with_the_prompt():
     perturb_trainable(model, 6, 2.0)
     inputs = text_inputs(batch=1, seq=6)
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False, eos_token_id=None)
-    dec = torch.zeros(1, 1, dtype=torch.long)  # decoder_start_token_id
-    with torch.no_grad():
-        for _ in range(4):
-            nxt = model(**inputs, decoder_input_ids=dec).logits[:, -1].argmax(-1, keepdim=True)
-            dec = torch.cat([dec, nxt], dim=1)
-    assert torch.equal(out, dec)
+    assert torch.equal(out, greedy_seq2seq_reference(model, inputs, 4))
