@@ -273,10 +273,10 @@ class LoraLinear(LoraLayer):
         if not run:
             return base(x, *args, **kwargs)
         autocast = torch.is_autocast_enabled(x.device.type)
-        if type(base) is not nn.Linear or autocast or base._forward_hooks:
+        if type(base) is not nn.Linear or autocast or base._forward_hooks or base._forward_pre_hooks:
             return self._add_deltas(x, base(x, *args, **kwargs), run, autocast, inplace=False)
         # nn.Linear keeps neither its input nor its output for backward, so the adapters add into the output
-        # in place. Given a 2-D x that output is a fresh tensor: an in-place op on a view of it would make
+        # in place (hooked bases, which may keep or expect other shapes, take the path above). Given a 2-D x that output is a fresh tensor: an in-place op on a view of it would make
         # autograd copy the output-sized gradient three times in backward (CopySlices).
         shape = x.shape
         x = x.reshape(-1, shape[-1])
