@@ -7,6 +7,7 @@ from typing import ClassVar, Optional
 
 from ...config import PeftType, check_number
 from ..prompt_tuning.config import PromptTuningConfig
+from .encoder import cache_kwarg
 
 
 @dataclass
@@ -51,7 +52,7 @@ class PrefixTuningConfig(PromptTuningConfig):
         layers = _first(config, *names, "num_hidden_layers")
         names = ("decoder_attention_heads",) if encoder_decoder else ()
         heads = _first(config, *names, "num_attention_heads")
-        if heads is None or layers is None or not _takes_cache(model):
+        if heads is None or layers is None or cache_kwarg(model) is None:
             raise ValueError(
                 f"prefix tuning needs a transformers model whose attention takes a key/value cache (a `cache` or "
                 f"`past_key_values` argument, and config.num_hidden_layers / num_attention_heads); "
@@ -66,9 +67,3 @@ def _first(config, *names):
     """The first of ``names`` that ``config`` sets (not None)."""
     return next((v for v in (getattr(config, n, None) for n in names) if v is not None), None)
 
-
-def _takes_cache(model) -> bool:
-    """Whether the model, or the transformers backbone it forwards its keyword arguments to, takes a cache."""
-    from .encoder import cache_kwarg
-
-    return cache_kwarg(model) is not None
