@@ -80,6 +80,29 @@ def test_dropout_added_in_place_into_the_base_output():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_base_and_adapter_in_one_node_match_the_plain_formula(p, bias):
+    """lora_linear (the nn.Linear training path) == x W^T + b + the separate delta, same mask; gradients
+    of x, W, b, A and B (a trainable base included), the dropout mask applied before the base's part."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 24, requires_grad=True)
+    W = (torch.randn(20, 24) * 0.3).requires_grad_()
+    b = torch.randn(20).requires_grad_() if bias else None
+    A = (torch.randn(4, 24) * 0.3).requires_grad_()
+    B = (torch.randn(20, 4) * 0.3).requires_grad_()
+    torch.manual_seed(5)
+    got = LF.lora_linear(x, W, b, A, B, 1.5, p)
+    torch.manual_seed(5)  # the same mask
+    delta = LF.linear_delta_dropout(x, A, B, 1.5, p) if p else 1.5 * (x @ A.T) @ B.T
+    want = x @ W.T + (b if bias else 0) + delta
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(got)
+    inputs = [x, W, A, B] + ([b] if bias else [])
+    for a, c in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
 def test_dropped_positions_are_bernoulli(p):
     torch.manual_seed(1)

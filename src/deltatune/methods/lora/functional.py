@@ -56,65 +56,101 @@ def _dropped_copy(x2: Tensor, positions: Tensor, keep_scale: float) -> Tensor:
     return out
 
 
-class _LoraDropoutLinear(torch.autograd.Function):
-    """``s * B A drop(x)``, added in place into ``base_out`` when given, whose autograd graph keeps ``x``
-    itself (no dropped-out copy), the rank-r intermediate ``A drop(x)`` and the dropped positions
-    (~p * n int32); ``drop(x)`` is rebuilt in backward from those positions for ``dA`` only."""
+class _LoraLinear(torch.autograd.Function):
+    """``y = [W x + b] + [into] + s * B A drop(x)`` for ``x: (..., in)`` as one autograd node.
+
+    - ``weight`` given (a plain ``nn.Linear`` base, ``x: (tokens, in)``): the base runs here too, after
+      the adapter, its GEMM accumulating into the adapter's output (one pass over the output fewer than
+      adding afterwards), and in backward both paths' input gradients are built in one buffer (no second
+      input-sized gradient and no add).
+    - ``into`` given (a 2-D output no autograd node keeps): the delta is added into it in place.
+    - neither: the delta itself, ``(..., out)``.
+
+    Dropout (``p > 0``) keeps no dropped-out copy of ``x``: what is saved is ``x`` itself, the rank-r
+    intermediate ``s A drop(x)`` and the dropped positions (~p * n int32); ``drop(x)`` is rebuilt in
+    backward from those positions for ``dA`` only. With ``p > 0`` the positions are a second output.
+    """
 
     @staticmethod
-    def forward(ctx, base_out, x, A, B, scaling: float, p: float):
+    def forward(ctx, x, weight, bias, into, A, B, scaling: float, p: float):
         x2 = x.reshape(-1, x.shape[-1])
-        positions = sample_dropped(x2.numel(), p, x.device)
-        keep_scale = 1.0 / (1.0 - p)
-        hidden = F.linear(_dropped_copy(x2, positions, keep_scale), A)  # (tokens, r)
-        compact = positions.to(torch.int32) if x2.numel() < 2**31 else positions
-        ctx.save_for_backward(x, A, B, hidden, compact)
-        ctx.scaling, ctx.keep_scale = scaling, keep_scale
-        ctx.mark_non_differentiable(positions)
-        if base_out is None:
-            out = F.linear(hidden, B).mul_(scaling).reshape(*x.shape[:-1], B.shape[0])
-        else:  # 2-D, kept by nothing: one fused kernel, no out-sized temporary
-            out = base_out.addmm_(hidden, B.t(), alpha=scaling)
-            ctx.mark_dirty(base_out)
-        return out, positions
+        ctx.scaling, ctx.keep_scale = scaling, 1.0 / (1.0 - p)
+        keep_scale = ctx.keep_scale
+        if p > 0.0:
+            positions = sample_dropped(x2.numel(), p, x.device)
+            hidden = F.linear(_dropped_copy(x2, positions, keep_scale), A)
+            compact = positions.to(torch.int32) if x2.numel() < 2**31 else positions
+            ctx.mark_non_differentiable(positions)
+        else:
+            hidden = F.linear(x2, A)
+            compact = None
+        hidden.mul_(scaling)  # (tokens, r)
+        if into is not None:
+            out = into.addmm_(hidden, B.t())
+            ctx.mark_dirty(into)
+        else:
+            out = F.linear(hidden, B, bias)
+            if weight is not None:
+                out.addmm_(x2, weight.t())  # the base GEMM adds into the delta (beta = 1)
+            if x.dim() != 2:
+                out = out.view(*x.shape[:-1], out.shape[-1])
+        ctx.save_for_backward(x, weight, A, B, hidden, compact)
+        return (out, positions) if p > 0.0 else out
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_positions):
-        x, A, B, hidden, compact = ctx.saved_tensors
-        positions = compact.long()
-        s = ctx.scaling
+    def backward(ctx, grad_out, *_grad_positions):
+        x, weight, A, B, hidden, compact = ctx.saved_tensors
+        need = ctx.needs_input_grad
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_hidden = g @ (B * s)  # (tokens, r)
-        grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[3]:
-            grad_B = (g.t() @ hidden).mul_(s)
-        if ctx.needs_input_grad[2]:
-            x2 = x.reshape(-1, x.shape[-1])
-            grad_A = grad_hidden.t() @ _dropped_copy(x2, positions, ctx.keep_scale)
-        if ctx.needs_input_grad[1]:
-            grad_x = (grad_hidden @ A).mul_(ctx.keep_scale)
-            grad_x.view(-1).index_fill_(0, positions, 0.0)
+        x2 = x.reshape(-1, x.shape[-1])
+        positions = None if compact is None else compact.long()
+        grad_hidden = torch.mm(g, B).mul_(ctx.scaling)  # d loss / d(A drop(x)): (tokens, r)
+        grad_x = grad_w = grad_b = grad_A = grad_B = None
+        if need[5]:
+            grad_B = g.t() @ hidden  # hidden already carries s
+        if need[4]:
+            grad_A = grad_hidden.t() @ (x2 if positions is None else _dropped_copy(x2, positions, ctx.keep_scale))
+        if need[0]:
+            if positions is None:
+                grad_x = torch.mm(grad_hidden, A)
+            else:  # the keep scale on the rank-r factor, not on the input-sized result
+                grad_x = torch.mm(grad_hidden.mul_(ctx.keep_scale), A)
+                grad_x.view(-1).index_fill_(0, positions, 0.0)
+            if weight is not None:
+                grad_x.addmm_(g, weight)  # the base's input gradient, into the same buffer
             if grad_x.shape != x.shape:  # (a same-shape reshape is a view, which autograd cannot add into in place)
                 grad_x = grad_x.reshape(x.shape)
-        grad_base = grad_out if ctx.needs_input_grad[0] else None  # out = base_out + delta
-        return grad_base, grad_x, grad_A, grad_B, None, None
+        if need[1]:
+            grad_w = g.t() @ x2
+        if need[2]:
+            grad_b = g.sum(0)
+        grad_into = grad_out if need[3] else None  # out = into + delta
+        return grad_x, grad_w, grad_b, grad_into, grad_A, grad_B, None, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
+                p: float = 0.0) -> Tensor:
+    """``x W^T + b + s * B A drop(x)`` for ``x: (tokens, in)`` in one autograd node (see :class:`_LoraLinear`);
+    ``p`` is the training-mode dropout probability (0 for none)."""
+    out = _LoraLinear.apply(x, weight, bias, None, A, B, scaling, p)
+    return out[0] if p > 0.0 else out
 
 
 def linear_delta_dropout(x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float,
                          return_positions: bool = False):
-    """Training-mode ``s * B A drop(x)`` with a compact dropout mask (see :class:`_LoraDropoutLinear`).
+    """Training-mode ``s * B A drop(x)`` with a compact dropout mask (see :class:`_LoraLinear`).
 
     Each element of ``x`` is kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``, exactly as
     ``F.dropout``; ``return_positions`` also returns the flat indices that were dropped (for tests).
     """
-    out, positions = _LoraDropoutLinear.apply(None, x, A, B, scaling, p)
+    out, positions = _LoraLinear.apply(x, None, None, None, A, B, scaling, p)
     return (out, positions) if return_positions else out
 
 
 def linear_dropout_add_(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float) -> Tensor:
     """``out += s * B A drop(x)`` in place, as :func:`linear_delta_dropout`; ``out: (tokens, out)`` must be
     a fresh tensor that no autograd node keeps (a plain ``nn.Linear``'s output), ``x: (tokens, in)``."""
-    return _LoraDropoutLinear.apply(out, x, A, B, scaling, p)[0]
+    return _LoraLinear.apply(x, None, None, out, A, B, scaling, p)[0]
 
 
 def linear_delta_weight(A: Tensor, B: Tensor, scaling: float, fan_in_fan_out: bool = False) -> Tensor:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 from ... import adapter_state
 from . import functional as LF
@@ -273,22 +274,38 @@ class LoraLinear(LoraLayer):
         if not run:
             return base(x, *args, **kwargs)
         autocast = torch.is_autocast_enabled(x.device.type)
-        if type(base) is not nn.Linear or autocast or base._forward_hooks or base._forward_pre_hooks:
+        if type(base) is not nn.Linear or autocast or args or kwargs or not _runs_forward_only(base):
+            # quantized, hooked or subclassed bases may keep or expect other shapes: out of place
             return self._add_deltas(x, base(x, *args, **kwargs), run, autocast, inplace=False)
-        # nn.Linear keeps neither its input nor its output for backward, so the adapters add into the output
-        # in place (hooked bases, which may keep or expect other shapes, take the path above). Given a 2-D x that output is a fresh tensor: an in-place op on a view of it would make
-        # autograd copy the output-sized gradient three times in backward (CopySlices).
+        # A plain nn.Linear keeps neither its input nor its output for backward, so the adapters add into
+        # its output in place. On a 2-D x that output is a fresh tensor: an in-place op on a view of it
+        # would make autograd copy the output-sized gradient three times in backward (CopySlices).
+        # Calling F.linear is what calling the module would do (no hooks, forward not replaced), minus
+        # the module-call overhead, which is most of a decoded token's cost per layer on the CPU.
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        out = base(x, *args, **kwargs)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (the cached factors are eager-only)
-            out = self._add_deltas(x, out, run, autocast, inplace=True)
-        else:
+        params = base._parameters
+        weight, bias = params["weight"], params["bias"]
+        compiling = torch.compiler.is_compiling()  # (the cached factors and the fused Function are eager-only)
+        if not (torch.is_grad_enabled() or compiling):
+            out = F.linear(x, weight, bias)
             for ad in run:
                 if inference.usable(ad, x, out, self.training):
                     out = inference.apply_(self, x, out, ad)
                 else:
                     out = self._add_deltas(x, out, [ad], autocast, inplace=True)
+        elif compiling or not x.dtype == weight.dtype == run[0].lora_A.dtype:
+            out = self._add_deltas(x, F.linear(x, weight, bias), run, autocast, inplace=True)
+        else:  # the first adapter and the base in one autograd node (see LF.lora_linear)
+            ad = run[0]
+            dropout = ad.dropout if self.training else 0.0
+            out = LF.lora_linear(x, weight, bias, ad.lora_A, ad.lora_B, ad.scaling, dropout)
+            inplace = True
+            if ad.lora_magnitude_vector is not None:
+                out = add_dora(self, out, None, ad)  # rescaled in place, then kept for backward
+                inplace = False
+            if len(run) > 1:
+                out = self._add_deltas(x, out, run[1:], autocast, inplace=inplace)
         return out.view(*shape[:-1], out.shape[-1])
 
     def _add_deltas(self, x: Tensor, out: Tensor, run, autocast: bool, inplace: bool) -> Tensor:
@@ -320,6 +337,15 @@ class LoraLinear(LoraLayer):
                 continue
             out = out.add_(delta.to(out.dtype)) if inplace else out + delta.to(out.dtype)
         return out
+
+
+def _runs_forward_only(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs just its class's ``forward``: no hooks on it or global ones (as
+    ``nn.Module.__call__`` checks), and no ``forward`` replaced on the instance (as accelerate does)."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__
+                or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+                or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
 
 
 def _conv1d_type():
