@@ -20,16 +20,20 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ... import cache_epoch
 
 
-def _factors(layer, ad) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """``(A^T, (s [scale] B)^T, scale, shift)`` of one adapter, from the cache when still valid."""
+def _factors(layer, ad, x: Tensor, out: Tensor):
+    """``(A^T, (s [scale] B)^T, scale, shift)`` of one adapter, from the cache when still valid; None
+    where the fast path does not apply (dtypes differ, or dropout is due in training mode)."""
     # Dict lookups instead of nn.Module attribute access: this runs per layer per decoded token.
     params = ad._parameters
     A, B, m = params["lora_A"], params["lora_B"], params["lora_magnitude_vector"]
+    if not x.dtype == A.dtype == out.dtype or (layer.training and ad.dropout > 0.0):
+        return None
     versions = (A._version, B._version, ad.scaling, cache_epoch.current())
     if m is not None:  # DoRA's factors also depend on the base weight and bias (not held: a replaced one
         base = layer._modules["base_layer"]._parameters  # shows as a new address)
@@ -53,16 +57,21 @@ def _factors(layer, ad) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tens
     return factors
 
 
-def usable(ad, x: Tensor, out: Tensor, training: bool) -> bool:
-    """Whether ``ad`` can take the fast path: same dtype throughout and no dropout to apply."""
-    return x.dtype == ad._parameters["lora_A"].dtype == out.dtype and not (training and ad.dropout > 0.0)
+def forward(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run) -> Tensor:
+    """``x W^T + b`` with the adapters of ``run`` applied in order, without gradients; ``x: (tokens, in)``.
 
-
-def apply_(layer, x: Tensor, out: Tensor, adapter) -> Tensor:
-    """Apply one adapter to ``out (tokens, out)`` in place; ``x: (tokens, in)``."""
-    A_t, B_t, scale, shift = _factors(layer, adapter)
-    if scale is not None:
-        out.mul_(scale)
-        if shift is not None:
-            out.add_(shift)
-    return out.addmm_(torch.mm(x, A_t), B_t)
+    Adapters the fast path does not apply to go through ``layer._add_deltas``.
+    """
+    out = F.linear(x, weight, bias)
+    for ad in run:
+        factors = _factors(layer, ad, x, out)
+        if factors is None:
+            out = layer._add_deltas(x, out, [ad], False, inplace=True)
+            continue
+        A_t, B_t, scale, shift = factors
+        if scale is not None:
+            out.mul_(scale)
+            if shift is not None:
+                out.add_(shift)
+        out.addmm_(torch.mm(x, A_t), B_t)
+    return out

@@ -23,6 +23,8 @@ from . import inference
 from .dora import DoraState, add_dora
 
 _HALF = (torch.float16, torch.bfloat16)
+# One cheap call when no autocast is on anywhere (the usual case); the per-device check costs 5x more.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 class LoraAdapter(nn.Module):
@@ -273,7 +275,7 @@ class LoraLinear(LoraLayer):
         run, base = self._run, self._modules["base_layer"]  # (no nn.Module.__getattr__ in the hot path)
         if not run:
             return base(x, *args, **kwargs)
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = _any_autocast() and torch.is_autocast_enabled(x.device.type)
         if type(base) is not nn.Linear or autocast or args or kwargs or not _runs_forward_only(base):
             # quantized, hooked or subclassed bases may keep or expect other shapes: out of place
             return self._add_deltas(x, base(x, *args, **kwargs), run, autocast, inplace=False)
@@ -288,12 +290,7 @@ class LoraLinear(LoraLayer):
         weight, bias = params["weight"], params["bias"]
         compiling = torch.compiler.is_compiling()  # (the cached factors and the fused Function are eager-only)
         if not (torch.is_grad_enabled() or compiling):
-            out = F.linear(x, weight, bias)
-            for ad in run:
-                if inference.usable(ad, x, out, self.training):
-                    out = inference.apply_(self, x, out, ad)
-                else:
-                    out = self._add_deltas(x, out, [ad], autocast, inplace=True)
+            out = inference.forward(self, x, weight, bias, run)
         elif compiling or not x.dtype == weight.dtype == run[0].lora_A.dtype:
             out = self._add_deltas(x, F.linear(x, weight, bias), run, autocast, inplace=True)
         else:  # the first adapter and the base in one autograd node (see LF.lora_linear)
