@@ -34,7 +34,7 @@ def _reference(model, x):
                 out = out + delta
             else:
                 dense = W + ad.scaling * ad.lora_B @ ad.lora_A
-                scale = ad.lora_magnitude_vector / dense.norm(dim=1)
+                scale = ad.lora_magnitude_vector / dense.norm(dim=1).detach()  # detached, as in the paper
                 bb = 0 if b is None else b
                 out = bb + scale * (out - bb + delta)
         return out
@@ -55,17 +55,32 @@ def test_no_grad_path_equals_the_formula(dora, bias, shape):
     torch.testing.assert_close(got, model(x).detach(), rtol=1e-5, atol=1e-5)  # the grad-mode path agrees
 
 
-def test_several_adapters_mixed_lora_and_dora_in_order():
+@pytest.mark.parametrize("order", [["default", "dora", "second"], ["dora", "default", "second"]])
+def test_several_adapters_mixed_lora_and_dora_in_order(order):
+    """The first adapter takes the fused / delta-first path, the others add or rescale after it: values
+    without gradients, and values and gradients in training mode, equal the formula."""
     model = _model(seed=1)
     model.add_adapter("dora", dt.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False,
                                             use_dora=True))
     model.add_adapter("second", dt.LoraConfig(r=3, target_modules=["0"], init_lora_weights=False))
-    model.set_adapter(["default", "dora", "second"])
+    model.set_adapter(order)
     model.eval()
     x = torch.randn(4, 24)
     with torch.no_grad():
         got = model(x)
     torch.testing.assert_close(got, _reference(model, x).detach(), rtol=1e-5, atol=1e-5)
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == 2 * 2 + 3 * 2 + 2  # (default, dora, second) x (A, B) per layer, 2 magnitudes
+    xg = x.clone().requires_grad_()
+    got = model(xg)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, [xg] + params, g)
+    want = _reference(model, xg)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, torch.autograd.grad(want, [xg] + params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_cached_factors_follow_every_change():

@@ -26,13 +26,13 @@ from torch import Tensor
 from ... import cache_epoch
 
 
-def _factors(layer, ad, x: Tensor, out: Tensor):
+def _factors(layer, ad, x: Tensor, weight: Tensor):
     """``(A^T, (s [scale] B)^T, scale, shift)`` of one adapter, from the cache when still valid; None
     where the fast path does not apply (dtypes differ, or dropout is due in training mode)."""
     # Dict lookups instead of nn.Module attribute access: this runs per layer per decoded token.
     params = ad._parameters
     A, B, m = params["lora_A"], params["lora_B"], params["lora_magnitude_vector"]
-    if not x.dtype == A.dtype == out.dtype or (layer.training and ad.dropout > 0.0):
+    if not x.dtype == A.dtype == weight.dtype or (layer.training and ad.dropout > 0.0):
         return None
     versions = (A._version, B._version, ad.scaling, cache_epoch.current())
     if m is not None:  # DoRA's factors also depend on the base weight and bias (not held: a replaced one
@@ -60,11 +60,21 @@ def _factors(layer, ad, x: Tensor, out: Tensor):
 def forward(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run) -> Tensor:
     """``x W^T + b`` with the adapters of ``run`` applied in order, without gradients; ``x: (tokens, in)``.
 
-    Adapters the fast path does not apply to go through ``layer._add_deltas``.
+    A plain LoRA adapter first in ``run`` goes before the base: its ``(x A^T) (s B)^T`` is written first
+    and the base GEMM accumulates into it, one read-write pass over the output fewer than adding it
+    afterwards. Adapters the fast path does not apply to go through ``layer._add_deltas``.
     """
-    out = F.linear(x, weight, bias)
+    out = None
     for ad in run:
-        factors = _factors(layer, ad, x, out)
+        factors = _factors(layer, ad, x, weight)
+        if out is None:
+            if factors is not None and factors[2] is None:
+                A_t, B_t = factors[0], factors[1]
+                xa = torch.mm(x, A_t)
+                out = torch.mm(xa, B_t) if bias is None else torch.addmm(bias, xa, B_t)
+                out.addmm_(x, weight.t())
+                continue
+            out = F.linear(x, weight, bias)
         if factors is None:
             out = layer._add_deltas(x, out, [ad], False, inplace=True)
             continue
