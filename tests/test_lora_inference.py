@@ -202,3 +202,32 @@ def test_compiled_training_with_dropout_and_dora():
     torch.compile(drop, backend="eager")(x).sum().backward()
     compiled(x).sum().backward()
     assert all(p.grad is not None for m in (model, drop) for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("hook", ["module", "global", "replaced_forward"])
+def test_hooked_base_layers_are_still_called(hook, grad):
+    """The fast paths call F.linear instead of the base module only when calling it would do nothing else:
+    a hook on the base, a global module hook, or a replaced ``forward`` (as accelerate does) is honoured."""
+    model = _model().train(grad)
+    base = model.base_model.model[0].base_layer
+    calls = []
+    if hook == "module":
+        handle = base.register_forward_hook(lambda mod, args, out: calls.append(mod))
+    elif hook == "global":
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, args, out: calls.append(mod) if mod is base else None)
+    else:
+        plain = base.forward
+        base.forward = lambda x: (calls.append(base), plain(x))[1]
+    try:
+        x = torch.randn(5, 24)
+        with torch.set_grad_enabled(grad):
+            got = model(x)
+    finally:
+        if hook == "replaced_forward":
+            del base.forward
+        else:
+            handle.remove()
+    assert calls == [base]
+    torch.testing.assert_close(got, _reference(model, x).detach(), rtol=1e-5, atol=1e-5)

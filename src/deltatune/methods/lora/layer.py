@@ -279,11 +279,10 @@ class LoraLinear(LoraLayer):
         if type(base) is not nn.Linear or autocast or args or kwargs or not _runs_forward_only(base):
             # quantized, hooked or subclassed bases may keep or expect other shapes: out of place
             return self._add_deltas(x, base(x, *args, **kwargs), run, autocast, inplace=False)
-        # A plain nn.Linear keeps neither its input nor its output for backward, so the adapters add into
-        # its output in place. On a 2-D x that output is a fresh tensor: an in-place op on a view of it
-        # would make autograd copy the output-sized gradient three times in backward (CopySlices).
-        # Calling F.linear is what calling the module would do (no hooks, forward not replaced), minus
-        # the module-call overhead, which is most of a decoded token's cost per layer on the CPU.
+        # A plain nn.Linear: calling F.linear is what calling the module would do (no hooks, forward not
+        # replaced), minus the module-call overhead, a large share of a decoded token's cost per layer.
+        # Everything runs on a 2-D x, so outputs are fresh tensors that later adapters add into in place
+        # (in place on a view would make autograd copy the output gradient in backward: CopySlices).
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         params = base._parameters
