@@ -231,3 +231,22 @@ def test_hooked_base_layers_are_still_called(hook, grad):
             handle.remove()
     assert calls == [base]
     torch.testing.assert_close(got, _reference(model, x).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_replaced_base_weight_at_a_reused_address_is_seen(grad):
+    """Caches hold the tensors they were built from, so a replacement allocated at a freed weight's address
+    (same version counter, 0) cannot pass for it."""
+    model = _model(use_dora=True).train(grad)
+    layer = model.base_model.model[0]
+    x = torch.randn(5, 24)
+    with torch.set_grad_enabled(grad):
+        model(x)  # builds the caches
+    shape = layer.base_layer.weight.shape
+    for _ in range(3):  # free the current weight, then allocate its replacement (glibc reuses the block)
+        layer.base_layer.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        new = torch.empty(shape).normal_(0, 0.5)  # version 1, as the freed one had after its init
+        layer.base_layer.weight = nn.Parameter(new, requires_grad=False)
+        with torch.set_grad_enabled(grad):
+            got = model(x)
+        torch.testing.assert_close(got, _reference(model, x).detach(), rtol=1e-5, atol=1e-5)

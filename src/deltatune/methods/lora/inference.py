@@ -34,16 +34,19 @@ def _factors(layer, ad, x: Tensor, weight: Tensor):
     A, B, m = params["lora_A"], params["lora_B"], params["lora_magnitude_vector"]
     if not x.dtype == A.dtype == weight.dtype or (layer.training and ad.dropout > 0.0):
         return None
+    # The cache holds the tensors it was built from and compares identities (a replacement allocated at a
+    # freed tensor's address, with the same version count, cannot pass for it), then version counters.
     versions = (A._version, B._version, ad.scaling, cache_epoch.current())
-    if m is not None:  # DoRA's factors also depend on the base weight and bias (not held: a replaced one
-        base = layer._modules["base_layer"]._parameters  # shows as a new address)
-        weight, bias = base["weight"], base["bias"]
-        versions += (m._version, weight.data_ptr(), weight._version)
-        if bias is not None:
-            versions += (bias.data_ptr(), bias._version)
+    bias = None
+    if m is not None:  # DoRA's factors also depend on the base weight and bias
+        bias = layer._modules["base_layer"]._parameters["bias"]
+        versions += (m._version, weight._version, bias is not None and bias._version)
+    else:
+        weight = None
     cached = ad.__dict__.get("_inference")
-    if cached is not None and cached[0] is A and cached[1] is B and cached[2] is m and cached[3] == versions:
-        return cached[4]
+    if (cached is not None and cached[0] is A and cached[1] is B and cached[2] is m and cached[3] is weight
+            and cached[4] is bias and cached[5] == versions):
+        return cached[6]
     with torch.no_grad():
         scale = shift = None
         row_scale = torch.tensor(ad.scaling, dtype=B.dtype, device=B.device)
@@ -53,7 +56,7 @@ def _factors(layer, ad, x: Tensor, weight: Tensor):
             row_scale = scale * ad.scaling
         B_t = (B * row_scale.reshape(-1, 1)).t().contiguous()
         factors = (A.t().contiguous(), B_t, scale, shift)
-    ad._inference = (A, B, m, versions, factors)
+    ad._inference = (A, B, m, weight, bias, versions, factors)
     return factors
 
 

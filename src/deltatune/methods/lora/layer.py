@@ -44,7 +44,7 @@ class LoraAdapter(nn.Module):
         self.scaling = float(scaling)
         self.dropout = float(dropout)
         self.register_parameter("lora_magnitude_vector", None)  # DoRA only: (out,)
-        self._norm_cache: Optional[tuple] = None  # (key, ||W + s B A|| per row), see LoraLinear
+        self._norm_cache: Optional[tuple] = None  # (W, A, B, versions, ||W + s B A|| per row), see dora.py
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.lora_magnitude_vector is not None else ""
