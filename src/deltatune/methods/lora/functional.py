@@ -74,8 +74,8 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, into, A, B, scaling: float, p: float):
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.scaling, ctx.keep_scale = scaling, 1.0 / (1.0 - p)
-        keep_scale = ctx.keep_scale
+        keep_scale = 1.0 / (1.0 - p)
+        ctx.scaling, ctx.keep_scale = scaling, keep_scale
         if p > 0.0:
             positions = sample_dropped(x2.numel(), p, x.device)
             hidden = F.linear(_dropped_copy(x2, positions, keep_scale), A)
