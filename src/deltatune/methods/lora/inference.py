@@ -26,7 +26,7 @@ from torch import Tensor
 from ... import cache_epoch
 
 
-def _factors(layer, ad, x: Tensor, weight: Tensor):
+def _factors(layer, ad, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """``(A^T, (s [scale] B)^T, scale, shift)`` of one adapter, from the cache when still valid; None
     where the fast path does not apply (dtypes differ, or dropout is due in training mode)."""
     # Dict lookups instead of nn.Module attribute access: this runs per layer per decoded token.
@@ -37,15 +37,13 @@ def _factors(layer, ad, x: Tensor, weight: Tensor):
     # The cache holds the tensors it was built from and compares identities (a replacement allocated at a
     # freed tensor's address, with the same version count, cannot pass for it), then version counters.
     versions = (A._version, B._version, ad.scaling, cache_epoch.current())
-    bias = None
-    if m is not None:  # DoRA's factors also depend on the base weight and bias
-        bias = layer._modules["base_layer"]._parameters["bias"]
+    base_w = base_b = None  # DoRA's factors also depend on the base weight and bias
+    if m is not None:
+        base_w, base_b = weight, bias
         versions += (m._version, weight._version, bias is not None and bias._version)
-    else:
-        weight = None
     cached = ad.__dict__.get("_inference")
-    if (cached is not None and cached[0] is A and cached[1] is B and cached[2] is m and cached[3] is weight
-            and cached[4] is bias and cached[5] == versions):
+    if (cached is not None and cached[0] is A and cached[1] is B and cached[2] is m and cached[3] is base_w
+            and cached[4] is base_b and cached[5] == versions):
         return cached[6]
     with torch.no_grad():
         scale = shift = None
@@ -56,7 +54,7 @@ def _factors(layer, ad, x: Tensor, weight: Tensor):
             row_scale = scale * ad.scaling
         B_t = (B * row_scale.reshape(-1, 1)).t().contiguous()
         factors = (A.t().contiguous(), B_t, scale, shift)
-    ad._inference = (A, B, m, weight, bias, versions, factors)
+    ad._inference = (A, B, m, base_w, base_b, versions, factors)
     return factors
 
 
@@ -69,7 +67,7 @@ def forward(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run) -> Te
     """
     out = None
     for ad in run:
-        factors = _factors(layer, ad, x, weight)
+        factors = _factors(layer, ad, x, weight, bias)
         if out is None:
             if factors is not None and factors[2] is None:
                 A_t, B_t = factors[0], factors[1]
