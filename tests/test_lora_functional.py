@@ -80,27 +80,45 @@ def test_dropout_added_in_place_into_the_base_output():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens", [12, 22, 30])  # in = 24, out = 20: neither, backward, both folded
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
-def test_base_and_adapter_in_one_node_match_the_plain_formula(p, bias):
-    """lora_linear (the nn.Linear training path) == x W^T + b + the separate delta, same mask; gradients
-    of x, W, b, A and B (a trainable base included), the dropout mask applied before the base's part."""
+def test_base_and_adapter_in_one_node_match_the_plain_formula(tokens, dora, p, bias):
+    """lora_linear (the nn.Linear training path) == b + scale * (x W^T + the separate delta), same mask;
+    gradients of x, W, b, A, B and DoRA's row scale (a trainable base included), the dropout mask applied
+    before the base's part. The token counts take each way of computing it: the rank-r path or the
+    temporary ``W + s B A`` (forward when tokens >= in, backward when tokens >= out), DoRA's scale on the
+    output or on the weights."""
     torch.manual_seed(0)
-    x = torch.randn(12, 24, requires_grad=True)
+    x = torch.randn(tokens, 24, requires_grad=True)
     W = (torch.randn(20, 24) * 0.3).requires_grad_()
     b = torch.randn(20).requires_grad_() if bias else None
     A = (torch.randn(4, 24) * 0.3).requires_grad_()
     B = (torch.randn(20, 4) * 0.3).requires_grad_()
+    scale = (torch.rand(20) + 0.5).requires_grad_() if dora else None
     torch.manual_seed(5)
-    got = LF.lora_linear(x, W, b, A, B, 1.5, p)
+    got = LF.lora_linear(x, W, b, A, B, 1.5, p, scale)
     torch.manual_seed(5)  # the same mask
     delta = LF.linear_delta_dropout(x, A, B, 1.5, p) if p else 1.5 * (x @ A.T) @ B.T
-    want = x @ W.T + (b if bias else 0) + delta
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    want = (x @ W.T + delta) * (scale if dora else 1) + (b if bias else 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(got)
-    inputs = [x, W, A, B] + ([b] if bias else [])
+    inputs = [x, W, A, B] + ([b] if bias else []) + ([scale] if dora else [])
     for a, c in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+def test_a_frozen_weight_gets_no_gradient_and_the_fold_leaves_it_alone():
+    """The temporary ``W + s B A`` is a new tensor: the layer's weight is unchanged after forward and
+    backward on many tokens (both folds taken)."""
+    torch.manual_seed(0)
+    x, W = torch.randn(64, 24, requires_grad=True), torch.randn(20, 24)
+    A, B = torch.randn(4, 24).requires_grad_(), torch.randn(20, 4).requires_grad_()
+    before = W.clone()
+    for scale in (None, (torch.rand(20) + 0.5).requires_grad_()):
+        LF.lora_linear(x, W, None, A, B, 2.0, 0.0, scale).sum().backward()
+        assert torch.equal(W, before) and W.grad is None
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5])

@@ -73,5 +73,10 @@ def add_dora(layer, out: Tensor, delta: Optional[Tensor], ad) -> Tensor:
     With several active adapters each one rescales what the ones before it produced, in the active
     order, which is how peft combines them. Only ``y`` is kept for backward (see ``dora_combine``).
     """
-    scale = (ad.lora_magnitude_vector.reshape(-1) / layer._dora.norm(layer, ad)).to(out.dtype)
-    return LF.dora_combine(out, delta, scale, getattr(layer.base_layer, "bias", None), layer._channel_dim)
+    return LF.dora_combine(out, delta, row_scale(layer, ad, out.dtype), getattr(layer.base_layer, "bias", None),
+                           layer._channel_dim)
+
+
+def row_scale(layer, ad, dtype: torch.dtype) -> Tensor:
+    """``m / ||W + s B A||`` per output channel, ``(C,)``: differentiable in ``m``, the norm detached."""
+    return (ad.lora_magnitude_vector.reshape(-1) / layer._dora.norm(layer, ad)).to(dtype)

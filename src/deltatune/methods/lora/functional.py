@@ -56,13 +56,26 @@ def _dropped_copy(x2: Tensor, positions: Tensor, keep_scale: float) -> Tensor:
     return out
 
 
-class _LoraLinear(torch.autograd.Function):
-    """``y = [W x + b] + [into] + s * B A drop(x)`` for ``x: (..., in)`` as one autograd node.
+def _folds(tokens: int, width: int) -> bool:
+    """Whether ``s B A`` folded into a temporary weight beats the rank-r path on ``tokens`` rows.
 
-    - ``weight`` given (a plain ``nn.Linear`` base, ``x: (tokens, in)``): the base runs here too, after
-      the adapter, its GEMM accumulating into the adapter's output (one pass over the output fewer than
-      adding afterwards), and in backward both paths' input gradients are built in one buffer (no second
-      input-sized gradient and no add).
+    The ``r``-deep product that writes the rank-r path's ``(tokens, width)`` result runs at half a big
+    GEMM's rate on the CPU (its cost follows its output size); the fold writes a ``(out, in)`` weight
+    instead: cheaper when ``tokens >= width``, the weight's other side (``in`` forward, ``out`` backward).
+    """
+    return tokens >= width
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``y = [b + scale * (W x] + s * B A drop(x)[)] + [into]`` for ``x: (..., in)`` as one autograd node.
+
+    - ``weight`` given (a plain ``nn.Linear`` base, ``x: (tokens, in)``): the base runs here too. Many
+      tokens and no dropout (see :func:`_folds`): one GEMM with the temporary ``W + s B A``; else the
+      adapter's result is written first and the base GEMM accumulates into it. In backward both paths'
+      input gradients are built in one buffer (no second input-sized gradient, no add), the same way.
+    - ``scale`` (DoRA's ``m / ||W + s B A||``, ``(out,)``, with ``weight`` only) rescales each output row.
+      It goes on ``W`` and ``B`` when there are more tokens than input features (a weight-sized pass
+      instead of an output-sized one); only ``y`` is kept for its gradient, ``sum_t g (y - b) / scale``.
     - ``into`` given (a 2-D output no autograd node keeps): the delta is added into it in place.
     - neither: the delta itself, ``(..., out)``.
 
@@ -72,7 +85,7 @@ class _LoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, into, A, B, scaling: float, p: float):
+    def forward(ctx, x, weight, bias, into, A, B, scale, scaling: float, p: float):
         x2 = x.reshape(-1, x.shape[-1])
         keep_scale = 1.0 / (1.0 - p)
         ctx.scaling, ctx.keep_scale = scaling, keep_scale
@@ -88,51 +101,82 @@ class _LoraLinear(torch.autograd.Function):
         if into is not None:
             out = into.addmm_(hidden, B.t())
             ctx.mark_dirty(into)
-        else:
+        elif weight is None:
             out = F.linear(hidden, B, bias)
-            if weight is not None:
-                out.addmm_(x2, weight.t())  # the base GEMM adds into the delta (beta = 1)
             if x.dim() != 2:
                 out = out.view(*x.shape[:-1], out.shape[-1])
-        ctx.save_for_backward(x, weight, A, B, hidden, compact)
+        elif scale is not None and x2.shape[0] < weight.shape[1]:  # few tokens: rescale the output
+            out = F.linear(hidden, B).addmm_(x2, weight.t()).mul_(scale)
+            if bias is not None:
+                out.add_(bias)
+        else:
+            W, Bs = _scaled_rows(weight, scale), _scaled_rows(B, scale)
+            if p == 0.0 and _folds(x2.shape[0], weight.shape[1]):
+                out = F.linear(x2, _plus_low_rank(W, weight, Bs, A, scaling), bias)
+            else:  # the base GEMM adds into the delta (beta = 1)
+                out = F.linear(hidden, Bs, bias).addmm_(x2, W.t())
+        ctx.save_for_backward(x, weight, bias, A, B, scale, hidden, compact, out if scale is not None else None)
         return (out, positions) if p > 0.0 else out
 
     @staticmethod
     def backward(ctx, grad_out, *_grad_positions):
-        x, weight, A, B, hidden, compact = ctx.saved_tensors
+        x, weight, bias, A, B, scale, hidden, compact, y = ctx.saved_tensors
         need = ctx.needs_input_grad
         g = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
+        tokens = x2.shape[0]
         positions = None if compact is None else compact.long()
-        grad_hidden = torch.mm(g, B).mul_(ctx.scaling)  # d loss / d(A drop(x)): (tokens, r)
-        grad_x = grad_w = grad_b = grad_A = grad_B = None
+        Bs = _scaled_rows(B, scale)
+        grad_hidden = torch.mm(g, Bs).mul_(ctx.scaling)  # d loss / d(A drop(x)): (tokens, r)
+        grad_x = grad_w = grad_b = grad_A = grad_B = grad_scale = None
         if need[5]:
-            grad_B = g.t() @ hidden  # hidden already carries s
+            grad_B = _scaled_rows(g.t() @ hidden, scale)  # hidden already carries s
         if need[4]:
             grad_A = grad_hidden.t() @ (x2 if positions is None else _dropped_copy(x2, positions, ctx.keep_scale))
         if need[0]:
-            if positions is None:
-                grad_x = torch.mm(grad_hidden, A)
-            else:  # the keep scale on the rank-r factor, not on the input-sized result
-                grad_x = torch.mm(grad_hidden.mul_(ctx.keep_scale), A)
-                grad_x.view(-1).index_fill_(0, positions, 0.0)
-            if weight is not None:
-                grad_x.addmm_(g, weight)  # the base's input gradient, into the same buffer
+            if weight is not None and positions is None and _folds(tokens, weight.shape[0]):
+                W = _scaled_rows(weight, scale)
+                grad_x = torch.mm(g, _plus_low_rank(W, weight, Bs, A, ctx.scaling))
+            else:
+                if positions is None:
+                    grad_x = torch.mm(grad_hidden, A)
+                else:  # the keep scale on the rank-r factor, not on the input-sized result
+                    grad_x = torch.mm(grad_hidden.mul_(ctx.keep_scale), A)
+                    grad_x.view(-1).index_fill_(0, positions, 0.0)
+                if weight is not None:  # the base's input gradient, into the same buffer
+                    if scale is None or tokens >= weight.shape[1]:
+                        grad_x.addmm_(g, _scaled_rows(weight, scale))
+                    else:
+                        grad_x.addmm_(g * scale, weight)
             if grad_x.shape != x.shape:  # (a same-shape reshape is a view, which autograd cannot add into in place)
                 grad_x = grad_x.reshape(x.shape)
         if need[1]:
-            grad_w = g.t() @ x2
+            grad_w = _scaled_rows(g.t() @ x2, scale)
         if need[2]:
             grad_b = g.sum(0)
+        if need[6]:  # dy/dscale = W x + s B A drop(x) = (y - b) / scale, a column-wise dot with g
+            gy = torch.linalg.vecdot(g, y, dim=0)
+            grad_scale = (gy if bias is None else gy - bias * g.sum(0)) / scale
         grad_into = grad_out if need[3] else None  # out = into + delta
-        return grad_x, grad_w, grad_b, grad_into, grad_A, grad_B, None, None
+        return grad_x, grad_w, grad_b, grad_into, grad_A, grad_B, grad_scale, None, None
+
+
+def _scaled_rows(M: Tensor, scale: Tensor | None) -> Tensor:
+    """``M`` with row ``i`` times ``scale[i]`` (a new tensor), or ``M`` itself for ``scale=None``."""
+    return M if scale is None else M * scale[:, None]
+
+
+def _plus_low_rank(W: Tensor, weight: Tensor, B: Tensor, A: Tensor, scaling: float) -> Tensor:
+    """``W + s B A`` as a temporary, in place when ``W`` is already one (not the layer's ``weight``)."""
+    return torch.addmm(W, B, A, alpha=scaling) if W is weight else W.addmm_(B, A, alpha=scaling)
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float,
-                p: float = 0.0) -> Tensor:
-    """``x W^T + b + s * B A drop(x)`` for ``x: (tokens, in)`` in one autograd node (see :class:`_LoraLinear`);
-    ``p`` is the training-mode dropout probability (0 for none)."""
-    out = _LoraLinear.apply(x, weight, bias, None, A, B, scaling, p)
+                p: float = 0.0, scale: Tensor | None = None) -> Tensor:
+    """``b + scale * (x W^T + s * B A drop(x))`` for ``x: (tokens, in)`` in one autograd node (see
+    :class:`_LoraLinear`); ``p`` is the training-mode dropout probability (0 for none), ``scale`` DoRA's
+    ``m / ||W + s B A||`` per output row (None for plain LoRA)."""
+    out = _LoraLinear.apply(x, weight, bias, None, A, B, scale, scaling, p)
     return out[0] if p > 0.0 else out
 
 
@@ -143,14 +187,14 @@ def linear_delta_dropout(x: Tensor, A: Tensor, B: Tensor, scaling: float, p: flo
     Each element of ``x`` is kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``, exactly as
     ``F.dropout``; ``return_positions`` also returns the flat indices that were dropped (for tests).
     """
-    out, positions = _LoraLinear.apply(x, None, None, None, A, B, scaling, p)
+    out, positions = _LoraLinear.apply(x, None, None, None, A, B, None, scaling, p)
     return (out, positions) if return_positions else out
 
 
 def linear_dropout_add_(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float) -> Tensor:
     """``out += s * B A drop(x)`` in place, as :func:`linear_delta_dropout`; ``out: (tokens, out)`` must be
     a fresh tensor that no autograd node keeps (a plain ``nn.Linear``'s output), ``x: (tokens, in)``."""
-    return _LoraLinear.apply(x, None, None, out, A, B, scaling, p)[0]
+    return _LoraLinear.apply(x, None, None, out, A, B, None, scaling, p)[0]
 
 
 def linear_delta_weight(A: Tensor, B: Tensor, scaling: float, fan_in_fan_out: bool = False) -> Tensor:

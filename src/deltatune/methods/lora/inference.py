@@ -25,6 +25,8 @@ from torch import Tensor
 
 from ... import cache_epoch
 
+_WIDE = (torch.float32, torch.float64)
+
 
 def _factors(layer, ad, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """``(A^T, (s [scale] B)^T, scale, shift)`` of one adapter, from the cache when still valid; None
@@ -58,13 +60,48 @@ def _factors(layer, ad, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return factors
 
 
+def _folds(tokens: int, weight: Tensor) -> bool:
+    """Whether folding the adapters into a temporary weight is cheaper than applying them to ``tokens``
+    rows: the rank-r path costs ``tokens * r * (in + out)`` multiply-adds (its ``r``-deep product writing
+    a ``(tokens, out)`` output runs at half a big GEMM's rate), the fold ``r * in * out`` and one
+    weight-sized write. Float32/64 only: a half-precision sum ``W + s B A`` would round the small delta
+    at the weight's magnitude."""
+    out_f, in_f = weight.shape
+    return tokens * (in_f + out_f) >= 2 * in_f * out_f and weight.dtype in _WIDE
+
+
+def _folded_weight(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run) -> Optional[Tensor]:
+    """A temporary ``W'`` with ``x W'^T + b`` equal to the base with every adapter of ``run`` applied in
+    order: ``W' = W + s B A`` per LoRA adapter, ``W' = scale * (W' + s B A)`` per DoRA adapter (which
+    rescales everything before it, as in :func:`forward`); None if one of them has no fast path."""
+    folded = weight
+    for ad in run:
+        factors = _factors(layer, ad, x, weight, bias)
+        if factors is None:
+            return None
+        A_t, B_t, scale = factors[0], factors[1], factors[2]  # B_t: (s [scale] B)^T
+        if scale is not None:
+            folded = folded * scale.reshape(-1, 1)
+        elif folded is weight:
+            folded = torch.addmm(weight, B_t.t(), A_t.t())
+            continue
+        folded.addmm_(B_t.t(), A_t.t())
+    return folded
+
+
 def forward(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run) -> Tensor:
     """``x W^T + b`` with the adapters of ``run`` applied in order, without gradients; ``x: (tokens, in)``.
 
-    A plain LoRA adapter first in ``run`` goes before the base: its ``(x A^T) (s B)^T`` is written first
-    and the base GEMM accumulates into it, one read-write pass over the output fewer than adding it
-    afterwards. Adapters the fast path does not apply to go through ``layer._add_deltas``.
+    Many tokens (prefill, batched evaluation; see :func:`_folds`): the adapters are folded into a
+    temporary weight used for one GEMM and dropped, a merge that lasts one call. Otherwise a plain LoRA
+    adapter first in ``run`` goes before the base: its ``(x A^T) (s B)^T`` is written first and the base
+    GEMM accumulates into it, one read-write pass over the output fewer than adding it afterwards.
+    Adapters the fast path does not apply to go through ``layer._add_deltas``.
     """
+    if _folds(x.shape[0], weight):
+        folded = _folded_weight(layer, x, weight, bias, run)
+        if folded is not None:
+            return F.linear(x, folded, bias)
     out = None
     for ad in run:
         factors = _factors(layer, ad, x, weight, bias)

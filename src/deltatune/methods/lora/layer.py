@@ -20,7 +20,7 @@ from ... import adapter_state
 from . import functional as LF
 from ...quant.bnb import dequantize_weight, is_quantized, replace_weight, warn_requantize
 from . import inference
-from .dora import DoraState, add_dora
+from .dora import DoraState, add_dora, row_scale
 
 _HALF = (torch.float16, torch.bfloat16)
 # One cheap call when no autocast is on anywhere (the usual case); the per-device check costs 5x more.
@@ -295,13 +295,11 @@ class LoraLinear(LoraLayer):
         else:  # the first adapter and the base in one autograd node (see LF.lora_linear)
             ad = run[0]
             dropout = ad.dropout if self.training else 0.0
-            out = LF.lora_linear(x, weight, bias, ad.lora_A, ad.lora_B, ad.scaling, dropout)
-            inplace = True
-            if ad.lora_magnitude_vector is not None:
-                out = add_dora(self, out, None, ad)  # rescaled in place, then kept for backward
-                inplace = False
-            if len(run) > 1:
-                out = self._add_deltas(x, out, run[1:], autocast, inplace=inplace)
+            dora = ad.lora_magnitude_vector is not None
+            scale = row_scale(self, ad, x.dtype) if dora else None
+            out = LF.lora_linear(x, weight, bias, ad.lora_A, ad.lora_B, ad.scaling, dropout, scale)
+            if len(run) > 1:  # (a DoRA output is kept for backward: no in-place adds into it)
+                out = self._add_deltas(x, out, run[1:], autocast, inplace=not dora)
         return out.view(*shape[:-1], out.shape[-1])
 
     def _add_deltas(self, x: Tensor, out: Tensor, run, autocast: bool, inplace: bool) -> Tensor:
