@@ -170,3 +170,24 @@ def test_dropout_keeps_no_copy_of_the_input():
     assert copies == [], [tuple(t.shape) for t in copies]
     positions = [t for t in saved if t.dtype == torch.int32]
     assert positions and positions[0].numel() < 0.2 * x.numel()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_half_precision_never_folds_the_delta_into_the_weight(monkeypatch, dora):
+    """In bf16 ``W + s B A`` would round a small delta away at the weight's magnitude: even with many
+    tokens the half-precision path keeps the rank-r product separate, forward and backward."""
+    def no_fold(*args):
+        raise AssertionError("folded in half precision")
+
+    monkeypatch.setattr(LF, "_plus_low_rank", no_fold)
+    torch.manual_seed(0)
+    x = torch.randn(64, 24, dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(20, 24, dtype=torch.bfloat16)
+    A = torch.randn(4, 24, dtype=torch.bfloat16).requires_grad_()
+    B = torch.randn(20, 4, dtype=torch.bfloat16).requires_grad_()
+    scale = torch.rand(20, dtype=torch.bfloat16).add_(0.5).requires_grad_() if dora else None
+    out = LF.lora_linear(x, W, None, A, B, 2.0, 0.0, scale)
+    want = (x.float() @ W.float().T + 2.0 * (x.float() @ A.float().T) @ B.float().T) * (1 if scale is None else scale.float())
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-1)
+    out.sum().backward()
+    assert x.grad is not None and A.grad is not None

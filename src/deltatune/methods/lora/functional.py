@@ -56,14 +56,16 @@ def _dropped_copy(x2: Tensor, positions: Tensor, keep_scale: float) -> Tensor:
     return out
 
 
-def _folds(tokens: int, width: int) -> bool:
+def _folds(tokens: int, weight: Tensor, dim: int) -> bool:
     """Whether ``s B A`` folded into a temporary weight beats the rank-r path on ``tokens`` rows.
 
     The ``r``-deep product that writes the rank-r path's ``(tokens, width)`` result runs at half a big
     GEMM's rate on the CPU (its cost follows its output size); the fold writes a ``(out, in)`` weight
-    instead: cheaper when ``tokens >= width``, the weight's other side (``in`` forward, ``out`` backward).
+    instead: cheaper when ``tokens >= width``, the weight's other side (``weight.shape[dim]``: ``in``
+    forward, ``out`` backward). Float32/64 only: in half precision ``W + s B A`` would round a small
+    delta away at the weight's magnitude, systematically.
     """
-    return tokens >= width
+    return tokens >= weight.shape[dim] and weight.dtype in (torch.float32, torch.float64)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -111,7 +113,7 @@ class _LoraLinear(torch.autograd.Function):
                 out.add_(bias)
         else:
             W, Bs = _scaled_rows(weight, scale), _scaled_rows(B, scale)
-            if p == 0.0 and _folds(x2.shape[0], weight.shape[1]):
+            if p == 0.0 and _folds(x2.shape[0], weight, 1):
                 out = F.linear(x2, _plus_low_rank(W, weight, Bs, A, scaling), bias)
             else:  # the base GEMM adds into the delta (beta = 1)
                 out = F.linear(hidden, Bs, bias).addmm_(x2, W.t())
@@ -134,7 +136,7 @@ class _LoraLinear(torch.autograd.Function):
         if need[4]:
             grad_A = grad_hidden.t() @ (x2 if positions is None else _dropped_copy(x2, positions, ctx.keep_scale))
         if need[0]:
-            if weight is not None and positions is None and _folds(tokens, weight.shape[0]):
+            if weight is not None and positions is None and _folds(tokens, weight, 0):
                 W = _scaled_rows(weight, scale)
                 grad_x = torch.mm(g, _plus_low_rank(W, weight, Bs, A, ctx.scaling))
             else:

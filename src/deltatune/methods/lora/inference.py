@@ -60,7 +60,7 @@ def _factors(layer, ad, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return factors
 
 
-def _folds(tokens: int, weight: Tensor) -> bool:
+def _fold_pays(tokens: int, weight: Tensor) -> bool:
     """Whether folding the adapters into a temporary weight is cheaper than applying them to ``tokens``
     rows: the rank-r path costs ``tokens * r * (in + out)`` multiply-adds (its ``r``-deep product writing
     a ``(tokens, out)`` output runs at half a big GEMM's rate), the fold ``r * in * out`` and one
@@ -92,13 +92,13 @@ def _folded_weight(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run
 def forward(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run) -> Tensor:
     """``x W^T + b`` with the adapters of ``run`` applied in order, without gradients; ``x: (tokens, in)``.
 
-    Many tokens (prefill, batched evaluation; see :func:`_folds`): the adapters are folded into a
+    Many tokens (prefill, batched evaluation; see :func:`_fold_pays`): the adapters are folded into a
     temporary weight used for one GEMM and dropped, a merge that lasts one call. Otherwise a plain LoRA
     adapter first in ``run`` goes before the base: its ``(x A^T) (s B)^T`` is written first and the base
     GEMM accumulates into it, one read-write pass over the output fewer than adding it afterwards.
     Adapters the fast path does not apply to go through ``layer._add_deltas``.
     """
-    if _folds(x.shape[0], weight):
+    if _fold_pays(x.shape[0], weight):
         folded = _folded_weight(layer, x, weight, bias, run)
         if folded is not None:
             return F.linear(x, folded, bias)
