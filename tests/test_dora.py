@@ -32,9 +32,10 @@ MODELS = [
 ]
 
 
+@pytest.mark.parametrize("batch", [2, 10], ids=["14-tokens", "70-tokens"])  # 70 >= in, out: the folded paths
 @pytest.mark.parametrize("build,kwargs", MODELS, ids=["llama", "gpt2-conv1d"])
-def test_forward_gradients_and_merge_match_peft(build, kwargs):
-    inputs = text_inputs()
+def test_forward_gradients_and_merge_match_peft(build, kwargs, batch):
+    inputs = text_inputs(batch=batch)
     pm = peft.get_peft_model(build(), peft.LoraConfig(use_dora=True, init_lora_weights=False, **kwargs))
     perturb_trainable(pm, scale=0.1)
     dm = dt.get_peft_model(build(), dt.LoraConfig(use_dora=True, **kwargs))
@@ -42,6 +43,8 @@ def test_forward_gradients_and_merge_match_peft(build, kwargs):
     pm.eval(), dm.eval()  # eval: the base models' own dropout off; gradients still flow
     out_p, out_d = main_output(pm(**inputs)), main_output(dm(**inputs))
     torch.testing.assert_close(out_d, out_p, rtol=0, atol=1e-5)
+    with torch.no_grad():  # the no-grad path (cached factors, or the fold for many tokens)
+        torch.testing.assert_close(main_output(dm(**inputs)), out_p.detach(), rtol=0, atol=1e-5)
     out_p.pow(2).mean().backward()
     out_d.pow(2).mean().backward()
     peft_grads = {n.replace(".default", ""): p.grad for n, p in pm.named_parameters() if "lora_" in n}
