@@ -44,7 +44,7 @@ def _reference(model, x):
 
 @pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(24,), (5, 24), (2, 3, 24)])
+@pytest.mark.parametrize("shape", [(24,), (5, 24), (2, 3, 24), (4, 10, 24)])  # 40 tokens: folded (see _fold_pays)
 def test_no_grad_path_equals_the_formula(dora, bias, shape):
     model = _model(bias, use_dora=dora).eval()
     x = torch.randn(*shape)
@@ -55,17 +55,19 @@ def test_no_grad_path_equals_the_formula(dora, bias, shape):
     torch.testing.assert_close(got, model(x).detach(), rtol=1e-5, atol=1e-5)  # the grad-mode path agrees
 
 
+@pytest.mark.parametrize("tokens", [4, 40])  # 40: all adapters folded into one temporary weight
 @pytest.mark.parametrize("order", [["default", "dora", "second"], ["dora", "default", "second"]])
-def test_several_adapters_mixed_lora_and_dora_in_order(order):
-    """The first adapter takes the fused / delta-first path, the others add or rescale after it: values
-    without gradients, and values and gradients in training mode, equal the formula."""
+def test_several_adapters_mixed_lora_and_dora_in_order(order, tokens):
+    """The first adapter takes the fused / delta-first path, the others add or rescale after it (or with
+    many tokens all are folded into a temporary weight in that order): values without gradients, and
+    values and gradients in training mode, equal the formula."""
     model = _model(seed=1)
     model.add_adapter("dora", dt.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False,
                                             use_dora=True))
     model.add_adapter("second", dt.LoraConfig(r=3, target_modules=["0"], init_lora_weights=False))
     model.set_adapter(order)
     model.eval()
-    x = torch.randn(4, 24)
+    x = torch.randn(tokens, 24)
     with torch.no_grad():
         got = model(x)
     torch.testing.assert_close(got, _reference(model, x).detach(), rtol=1e-5, atol=1e-5)
@@ -83,11 +85,12 @@ def test_several_adapters_mixed_lora_and_dora_in_order(order):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_cached_factors_follow_every_change():
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_cached_factors_follow_every_change(tokens):
     model = _model(use_dora=True).eval()
     layer = model.base_model.model[0]
     ad = layer.adapters["default"]
-    x = torch.randn(3, 24)
+    x = torch.randn(tokens, 24)
 
     def check():
         with torch.no_grad():
