@@ -56,6 +56,10 @@ def _dropped_copy(x2: Tensor, positions: Tensor, keep_scale: float) -> Tensor:
     return out
 
 
+#: Dtypes in which ``W + s B A`` may be formed as a temporary (see :func:`_folds`).
+FOLDABLE = (torch.float32, torch.float64)
+
+
 def _folds(tokens: int, weight: Tensor, dim: int) -> bool:
     """Whether ``s B A`` folded into a temporary weight beats the rank-r path on ``tokens`` rows.
 
@@ -65,7 +69,7 @@ def _folds(tokens: int, weight: Tensor, dim: int) -> bool:
     forward, ``out`` backward). Float32/64 only: in half precision ``W + s B A`` would round a small
     delta away at the weight's magnitude, systematically.
     """
-    return tokens >= weight.shape[dim] and weight.dtype in (torch.float32, torch.float64)
+    return tokens >= weight.shape[dim] and weight.dtype in FOLDABLE
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -157,10 +161,15 @@ class _LoraLinear(torch.autograd.Function):
         if need[2]:
             grad_b = g.sum(0)
         if need[6]:  # dy/dscale = W x + s B A drop(x) = (y - b) / scale, a column-wise dot with g
-            gy = torch.linalg.vecdot(g, y, dim=0)
-            grad_scale = (gy if bias is None else gy - bias * g.sum(0)) / scale
+            g_sum = None if bias is None else g.sum(0)
+            grad_scale = _scale_grad(torch.linalg.vecdot(g, y, dim=0), bias, g_sum, scale)
         grad_into = grad_out if need[3] else None  # out = into + delta
         return grad_x, grad_w, grad_b, grad_into, grad_A, grad_B, grad_scale, None, None
+
+
+def _scale_grad(gy: Tensor, bias: Tensor | None, g_sum: Tensor | None, scale: Tensor) -> Tensor:
+    """DoRA's ``d loss / d scale = sum g (y - b) / scale`` per channel from ``gy = sum g y`` and ``g_sum = sum g``."""
+    return (gy if bias is None else gy - bias * g_sum) / scale
 
 
 def _scaled_rows(M: Tensor, scale: Tensor | None) -> Tensor:
@@ -287,7 +296,7 @@ class _DoraCombine(torch.autograd.Function):
                 gy = torch.linalg.vecdot(g.reshape(-1, y.shape[-1]), y.reshape(-1, y.shape[-1]), dim=0)
             else:
                 gy = (g * y).sum(ctx.reduce)
-            grad_scale = (gy if bias is None else gy - bias * g_sum) / scale
+            grad_scale = _scale_grad(gy, bias, g_sum, scale)
         if bias is not None and ctx.needs_input_grad[3]:
             grad_bias = g_sum * (1 - scale)  # the direct path; the path through ``out`` gives g * scale
         return grad_in, grad_in if ctx.needs_input_grad[1] else None, grad_scale, grad_bias, None

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import cache_epoch
-
-_WIDE = (torch.float32, torch.float64)
+from .functional import FOLDABLE
 
 
 def _factors(layer, ad, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -67,7 +66,7 @@ def _fold_pays(tokens: int, weight: Tensor) -> bool:
     weight-sized write. Float32/64 only: a half-precision sum ``W + s B A`` would round the small delta
     at the weight's magnitude."""
     out_f, in_f = weight.shape
-    return tokens * (in_f + out_f) >= 2 * in_f * out_f and weight.dtype in _WIDE
+    return tokens * (in_f + out_f) >= 2 * in_f * out_f and weight.dtype in FOLDABLE
 
 
 def _folded_weight(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run) -> Optional[Tensor]:
