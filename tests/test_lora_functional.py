@@ -179,7 +179,7 @@ def test_half_precision_never_folds_the_delta_into_the_weight(monkeypatch, dora)
     def no_fold(*args):
         raise AssertionError("folded in half precision")
 
-    monkeypatch.setattr(LF, "_plus_low_rank", no_fold)
+    monkeypatch.setattr(LF, "plus_low_rank", no_fold)
     torch.manual_seed(0)
     x = torch.randn(64, 24, dtype=torch.bfloat16, requires_grad=True)
     W = torch.randn(20, 24, dtype=torch.bfloat16)

@@ -116,9 +116,9 @@ class _LoraLinear(torch.autograd.Function):
             if bias is not None:
                 out.add_(bias)
         else:
-            W, Bs = _scaled_rows(weight, scale), _scaled_rows(B, scale)
+            W, Bs = scaled_rows(weight, scale), scaled_rows(B, scale)
             if p == 0.0 and _folds(x2.shape[0], weight, 1):
-                out = F.linear(x2, _plus_low_rank(W, weight, Bs, A, scaling), bias)
+                out = F.linear(x2, plus_low_rank(W, weight, Bs, A, scaling), bias)
             else:  # the base GEMM adds into the delta (beta = 1)
                 out = F.linear(hidden, Bs, bias).addmm_(x2, W.t())
         ctx.save_for_backward(x, weight, bias, A, B, scale, hidden, compact, out if scale is not None else None)
@@ -132,17 +132,17 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         tokens = x2.shape[0]
         positions = None if compact is None else compact.long()
-        Bs = _scaled_rows(B, scale)
+        Bs = scaled_rows(B, scale)
         grad_hidden = torch.mm(g, Bs).mul_(ctx.scaling)  # d loss / d(A drop(x)): (tokens, r)
         grad_x = grad_w = grad_b = grad_A = grad_B = grad_scale = None
         if need[5]:
-            grad_B = _scaled_rows(g.t() @ hidden, scale)  # hidden already carries s
+            grad_B = scaled_rows(g.t() @ hidden, scale)  # hidden already carries s
         if need[4]:
             grad_A = grad_hidden.t() @ (x2 if positions is None else _dropped_copy(x2, positions, ctx.keep_scale))
         if need[0]:
             if weight is not None and positions is None and _folds(tokens, weight, 0):
-                W = _scaled_rows(weight, scale)
-                grad_x = torch.mm(g, _plus_low_rank(W, weight, Bs, A, ctx.scaling))
+                W = scaled_rows(weight, scale)
+                grad_x = torch.mm(g, plus_low_rank(W, weight, Bs, A, ctx.scaling))
             else:
                 if positions is None:
                     grad_x = torch.mm(grad_hidden, A)
@@ -151,13 +151,13 @@ class _LoraLinear(torch.autograd.Function):
                     grad_x.view(-1).index_fill_(0, positions, 0.0)
                 if weight is not None:  # the base's input gradient, into the same buffer
                     if scale is None or tokens >= weight.shape[1]:
-                        grad_x.addmm_(g, _scaled_rows(weight, scale))
+                        grad_x.addmm_(g, scaled_rows(weight, scale))
                     else:
                         grad_x.addmm_(g * scale, weight)
             if grad_x.shape != x.shape:  # (a same-shape reshape is a view, which autograd cannot add into in place)
                 grad_x = grad_x.reshape(x.shape)
         if need[1]:
-            grad_w = _scaled_rows(g.t() @ x2, scale)
+            grad_w = scaled_rows(g.t() @ x2, scale)
         if need[2]:
             grad_b = g.sum(0)
         if need[6]:  # dy/dscale = W x + s B A drop(x) = (y - b) / scale, a column-wise dot with g
@@ -172,12 +172,12 @@ def _scale_grad(gy: Tensor, bias: Tensor | None, g_sum: Tensor | None, scale: Te
     return (gy if bias is None else gy - bias * g_sum) / scale
 
 
-def _scaled_rows(M: Tensor, scale: Tensor | None) -> Tensor:
+def scaled_rows(M: Tensor, scale: Tensor | None) -> Tensor:
     """``M`` with row ``i`` times ``scale[i]`` (a new tensor), or ``M`` itself for ``scale=None``."""
     return M if scale is None else M * scale[:, None]
 
 
-def _plus_low_rank(W: Tensor, weight: Tensor, B: Tensor, A: Tensor, scaling: float) -> Tensor:
+def plus_low_rank(W: Tensor, weight: Tensor, B: Tensor, A: Tensor, scaling: float) -> Tensor:
     """``W + s B A`` as a temporary, in place when ``W`` is already one (not the layer's ``weight``)."""
     return torch.addmm(W, B, A, alpha=scaling) if W is weight else W.addmm_(B, A, alpha=scaling)
 

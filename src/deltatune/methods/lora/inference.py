@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import cache_epoch
-from .functional import FOLDABLE
+from .functional import FOLDABLE, plus_low_rank, scaled_rows
 
 
 def _factors(layer, ad, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -79,12 +79,7 @@ def _folded_weight(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run
         if factors is None:
             return None
         A_t, B_t, scale = factors[0], factors[1], factors[2]  # B_t: (s [scale] B)^T
-        if scale is not None:
-            folded = folded * scale.reshape(-1, 1)
-        elif folded is weight:
-            folded = torch.addmm(weight, B_t.t(), A_t.t())
-            continue
-        folded.addmm_(B_t.t(), A_t.t())
+        folded = plus_low_rank(scaled_rows(folded, scale), weight, B_t.t(), A_t.t(), 1.0)
     return folded
 
 
