@@ -253,3 +253,30 @@ def test_a_replaced_base_weight_at_a_reused_address_is_seen(grad):
         with torch.set_grad_enabled(grad):
             got = model(x)
         torch.testing.assert_close(got, _reference(model, x).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_new_data_from_conversions_and_dot_data_is_seen(dora, grad):
+    """``model.double()`` and ``p.data = ...`` give tensors new data with identity and version unchanged."""
+    model = _model(use_dora=dora).train(grad)
+    layer = model.base_model.model[0]
+    ad = layer.adapters["default"]
+    x = torch.randn(5, 24)
+
+    def check():
+        with torch.set_grad_enabled(grad):
+            got = model(x)
+        torch.testing.assert_close(got, _reference(model, x).detach(), rtol=1e-6, atol=1e-6)
+
+    check()  # builds the caches
+    model.double()
+    assert ad._inference is None and ad._norm_cache is None  # not kept alive with the old float32 data
+    x = x.double()
+    check()
+    base = layer.base_layer
+    for param, change in [(ad.lora_A, 2.0), (ad.lora_B, -1.0), (base.weight, 0.5), (base.bias, 3.0),
+                          (ad.lora_magnitude_vector, 1.5)]:
+        if param is not None:
+            param.data = param.data * change
+            check()

@@ -33,22 +33,25 @@ class DoraState:
             with torch.no_grad():
                 return LF.dora_row_norm(*layer._dora_views(ad), ad.scaling)
         weight, A, B = layer.base_layer.weight, ad.lora_A, ad.lora_B
-        # The cache holds the tensors it was built from and compares identities: a replacement allocated at
-        # a freed tensor's address, with the same version count, cannot pass for it.
+        # The cache holds the tensors it was built from and compares identities (a replacement allocated at
+        # a freed tensor's address, with the same version count, cannot pass for it), versions and data
+        # addresses (new data given through ``.data``; A's and B's old data are kept alive with the cache, so
+        # their addresses cannot be taken by other data). Module conversions (``.to``, ``.half``) drop it.
         epoch = cache_epoch.current()
-        versions = (weight._version, A._version, B._version, ad.scaling, epoch)
+        w_key = (weight._version, weight.data_ptr())
+        key = w_key + (A._version, B._version, A.data_ptr(), B.data_ptr(), ad.scaling, epoch)
         cached = ad._norm_cache
         if (use_cache and cached is not None and cached[0] is weight and cached[1] is A and cached[2] is B
-                and cached[3] == versions):
+                and cached[3] == key):
             return cached[4]
         with torch.no_grad():
             rows, A2, B2 = layer._dora_views(ad)  # rows: dequantized for 4/8-bit bases
             # (a trainable base may be changed by fused optimizer steps, which leave versions alone)
-            sq_key = (weight._version, A2.dtype, weight.requires_grad and epoch)
+            sq_key = w_key + (A2.dtype, weight.requires_grad and epoch)
             if self.w_sqnorm is None or self.w_sqnorm[0] is not weight or self.w_sqnorm[1] != sq_key:
                 self.w_sqnorm = (weight, sq_key, rows.to(A2.dtype).pow(2).sum(1))
             norm = LF.dora_row_norm(rows, A2, B2, ad.scaling, w_sqnorm=self.w_sqnorm[2])
-        ad._norm_cache = (weight, A, B, versions, norm)
+        ad._norm_cache = (weight, A, B, key, norm, (A.detach(), B.detach()))
         return norm
 
     def merged_weight(self, layer, name: str, weight: Tensor) -> Tensor:

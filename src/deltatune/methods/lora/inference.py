@@ -10,9 +10,10 @@ its per-row scale ``m / ||W + s B A||`` into that factor:
 which is ``b + scale * (W x + s B A x)`` applied to ``out = W x + b`` (the adapters before it included).
 
 The factors are cached on the adapter (``r * (in + out)`` numbers, like the adapter itself) and rebuilt
-when ``A`` or ``B`` change (identity and version counter), for DoRA also ``m`` and the base weight and
-bias, and after any optimizer step (:mod:`deltatune.cache_epoch`: fused kernels leave versions alone); so
-a cached factor is never stale after an optimizer step, a load, a merge or a replaced tensor.
+when ``A`` or ``B`` change (identity, version counter, data address), for DoRA also ``m`` and the base
+weight and bias, after any optimizer step (:mod:`deltatune.cache_epoch`: fused kernels leave versions
+alone) and after a dtype or device conversion of the layer; so a cached factor is never stale after an
+optimizer step, a load, a merge, a conversion or a replaced tensor.
 """
 
 from __future__ import annotations
@@ -28,24 +29,27 @@ from .functional import FOLDABLE, plus_low_rank, scaled_rows
 
 
 def _factors(layer, ad, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """``(A^T, (s [scale] B)^T, scale, shift)`` of one adapter, from the cache when still valid; None
-    where the fast path does not apply (dtypes differ, or dropout is due in training mode)."""
+    """``(A^T, (s [scale] B)^T, scale, shift, W^T)`` of one adapter, from the cache when still valid; None
+    where the fast path does not apply (dtypes differ, or dropout is due in training mode). ``W^T`` is a
+    view of the base weight, kept so a decoded token does not pay for one more op per layer."""
     # Dict lookups instead of nn.Module attribute access: this runs per layer per decoded token.
     params = ad._parameters
     A, B, m = params["lora_A"], params["lora_B"], params["lora_magnitude_vector"]
-    if not x.dtype == A.dtype == weight.dtype or (layer.training and ad.dropout > 0.0):
+    if layer.training and ad.dropout > 0.0:
         return None
-    # The cache holds the tensors it was built from and compares identities (a replacement allocated at a
-    # freed tensor's address, with the same version count, cannot pass for it), then version counters.
-    versions = (A._version, B._version, ad.scaling, cache_epoch.current())
-    base_w = base_b = None  # DoRA's factors also depend on the base weight and bias
-    if m is not None:
-        base_w, base_b = weight, bias
-        versions += (m._version, weight._version, bias is not None and bias._version)
-    cached = ad.__dict__.get("_inference")
-    if (cached is not None and cached[0] is A and cached[1] is B and cached[2] is m and cached[3] is base_w
-            and cached[4] is base_b and cached[5] == versions):
-        return cached[6]
+    # Valid while the same tensors hold the same data: identities (a replacement allocated at a freed
+    # tensor's address cannot pass for it), version counters (in-place changes), data addresses (new data
+    # given through ``.data``; the cache keeps the old data alive, so no other tensor can take its address)
+    # and the optimizer-step counter. Module conversions (``.to``, ``.half``) also drop the cache.
+    key = (A._version, B._version, A.data_ptr(), B.data_ptr(), weight.data_ptr(), ad.scaling, cache_epoch.current())
+    if m is not None:  # DoRA's factors also depend on the base weight's values and the bias
+        key += (m._version, m.data_ptr(), weight._version, bias is not None and (bias._version, bias.data_ptr()))
+    cached = ad._inference
+    if (cached is not None and cached[0] is A and cached[1] is B and cached[2] is m and cached[3] is weight
+            and cached[4] is bias and cached[5] == key):
+        return cached[7] if x.dtype is cached[6] else None
+    if not x.dtype == A.dtype == weight.dtype:
+        return None
     with torch.no_grad():
         scale = shift = None
         row_scale = torch.tensor(ad.scaling, dtype=B.dtype, device=B.device)
@@ -54,8 +58,9 @@ def _factors(layer, ad, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
             shift = None if bias is None else bias * (1 - scale)
             row_scale = scale * ad.scaling
         B_t = (B * row_scale.reshape(-1, 1)).t().contiguous()
-        factors = (A.t().contiguous(), B_t, scale, shift)
-    ad._inference = (A, B, m, base_w, base_b, versions, factors)
+        factors = (A.t().contiguous(), B_t, scale, shift, weight.t())  # W^T: keeps W's data alive
+    keep = [t.detach() for t in (A, B, m, bias) if t is not None]  # (the data the addresses belong to)
+    ad._inference = (A, B, m, weight, bias, key, x.dtype, factors, keep)
     return factors
 
 
@@ -84,36 +89,44 @@ def _folded_weight(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run
 
 
 def forward(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run) -> Tensor:
-    """``x W^T + b`` with the adapters of ``run`` applied in order, without gradients; ``x: (tokens, in)``.
+    """``x W^T + b`` with the adapters of ``run`` applied in order, without gradients; ``x: (..., in)``.
 
     Many tokens (prefill, batched evaluation; see :func:`_fold_pays`): the adapters are folded into a
     temporary weight used for one GEMM and dropped, a merge that lasts one call. Otherwise a plain LoRA
     adapter first in ``run`` goes before the base: its ``(x A^T) (s B)^T`` is written first and the base
     GEMM accumulates into it, one read-write pass over the output fewer than adding it afterwards.
     Adapters the fast path does not apply to go through ``layer._add_deltas``.
+
+    A decoded token spends as much time here on per-op overhead as on arithmetic (a few microseconds per
+    op and per Python-level view against a ~40 us matrix-vector product), so the common cases take as few
+    ops as they can: LoRA three (two rank-r products and the base GEMM into their result), DoRA four.
     """
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
     if _fold_pays(x.shape[0], weight):
         folded = _folded_weight(layer, x, weight, bias, run)
         if folded is not None:
-            return F.linear(x, folded, bias)
+            out = F.linear(x, folded, bias)
+            return out.view(*shape[:-1], out.shape[-1])
     out = None
     for ad in run:
         factors = _factors(layer, ad, x, weight, bias)
-        if out is None:
-            if factors is not None and factors[2] is None:
-                A_t, B_t = factors[0], factors[1]
-                xa = torch.mm(x, A_t)
-                out = torch.mm(xa, B_t) if bias is None else torch.addmm(bias, xa, B_t)
-                out.addmm_(x, weight.t())
-                continue
-            out = F.linear(x, weight, bias)
         if factors is None:
+            if out is None:
+                out = F.linear(x, weight, bias)
             out = layer._add_deltas(x, out, [ad], False, inplace=True)
             continue
-        A_t, B_t, scale, shift = factors
+        A_t, B_t, scale, shift, W_t = factors
+        if out is None:
+            if scale is None:  # LoRA first: the delta, then the base GEMM adds into it
+                xa = torch.mm(x, A_t)
+                out = torch.mm(xa, B_t) if bias is None else torch.addmm(bias, xa, B_t)
+                out.addmm_(x, W_t)
+                continue
+            out = torch.mm(x, W_t) if bias is None else torch.addmm(bias, x, W_t)
         if scale is not None:
             out.mul_(scale)
             if shift is not None:
                 out.add_(shift)
         out.addmm_(torch.mm(x, A_t), B_t)
-    return out
+    return out.view(*shape[:-1], out.shape[-1])

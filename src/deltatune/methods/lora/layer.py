@@ -45,6 +45,13 @@ class LoraAdapter(nn.Module):
         self.dropout = float(dropout)
         self.register_parameter("lora_magnitude_vector", None)  # DoRA only: (out,)
         self._norm_cache: Optional[tuple] = None  # (W, A, B, versions, ||W + s B A|| per row), see dora.py
+        self._inference: Optional[tuple] = None  # the no-grad path's factors, see inference.py
+
+    def _apply(self, fn, *args, **kwargs):
+        # A dtype or device conversion gives the parameters new data: values derived from the old (DoRA's
+        # norm, the no-grad factors, a view of the base weight) are dropped rather than kept alive.
+        self._norm_cache = self._inference = None
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.lora_magnitude_vector is not None else ""
@@ -79,6 +86,10 @@ class LoraLayer(nn.Module):
         self._dora = DoraState()
 
     weight = property(adapter_state.base_weight)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._dora.w_sqnorm = None  # derived from the base weight's old data (see LoraAdapter._apply)
+        return super()._apply(fn, *args, **kwargs)
     set_active = adapter_state.set_active
     set_disabled = adapter_state.set_disabled
     delete_adapter = adapter_state.delete_adapter
@@ -283,14 +294,14 @@ class LoraLinear(LoraLayer):
         # replaced), minus the module-call overhead, a large share of a decoded token's cost per layer.
         # Everything runs on a 2-D x, so outputs are fresh tensors that later adapters add into in place
         # (in place on a view would make autograd copy the output gradient in backward: CopySlices).
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
         params = base._parameters
         weight, bias = params["weight"], params["bias"]
         compiling = torch.compiler.is_compiling()  # (the cached factors and the fused Function are eager-only)
         if not (torch.is_grad_enabled() or compiling):
-            out = inference.forward(self, x, weight, bias, run)
-        elif compiling or not x.dtype == weight.dtype == run[0].lora_A.dtype:
+            return inference.forward(self, x, weight, bias, run)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if compiling or not x.dtype == weight.dtype == run[0].lora_A.dtype:
             out = self._add_deltas(x, F.linear(x, weight, bias), run, autocast, inplace=True)
         else:  # the first adapter and the base in one autograd node (see LF.lora_linear)
             ad = run[0]
