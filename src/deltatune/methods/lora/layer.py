@@ -86,14 +86,14 @@ class LoraLayer(nn.Module):
         self._dora = DoraState()
 
     weight = property(adapter_state.base_weight)
-
-    def _apply(self, fn, *args, **kwargs):
-        self._dora.w_sqnorm = None  # derived from the base weight's old data (see LoraAdapter._apply)
-        return super()._apply(fn, *args, **kwargs)
     set_active = adapter_state.set_active
     set_disabled = adapter_state.set_disabled
     delete_adapter = adapter_state.delete_adapter
     _refresh = adapter_state.refresh
+
+    def _apply(self, fn, *args, **kwargs):
+        self._dora.w_sqnorm = None  # derived from the base weight's old data (see LoraAdapter._apply)
+        return super()._apply(fn, *args, **kwargs)
 
     # ------------------------------------------------------------------ subclass interface
     def _shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
