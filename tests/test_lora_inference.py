@@ -280,3 +280,23 @@ def test_new_data_from_conversions_and_dot_data_is_seen(dora, grad):
         if param is not None:
             param.data = param.data * change
             check()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_copies_and_pickles_leave_the_caches_out(dora, tmp_path):
+    """A deep copy would otherwise hold the cached view of the base weight as a full copy of it."""
+    import copy
+
+    model = _model(use_dora=dora).eval()
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        expected = model(x)  # builds the caches
+    twin = copy.deepcopy(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)  # our own file, written just above
+    for other in (twin, loaded):
+        ad = other.base_model.model[0].adapters["default"]
+        assert ad._inference is None and ad._norm_cache is None
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+    assert model.base_model.model[0].adapters["default"]._inference is not None  # the original keeps its own

@@ -53,6 +53,13 @@ class LoraAdapter(nn.Module):
         self._norm_cache = self._inference = None
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):
+        # Copies and pickles leave the caches out: a deep copy would turn the cached view of the base
+        # weight into a full copy of it, kept until the copy's next forward rebuilt the cache anyway.
+        state = dict(super().__getstate__())
+        state["_norm_cache"] = state["_inference"] = None
+        return state
+
     def extra_repr(self) -> str:
         dora = ", dora" if self.lora_magnitude_vector is not None else ""
         return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout:g}{dora}"
