@@ -209,6 +209,28 @@ def test_gradient_checkpointing_reaches_adapters():
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout(dora, reentrant):
+    """The recomputed forward must draw the same dropout positions (checkpointing restores the RNG state)."""
+    def grads(checkpointing):
+        config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.2,
+                               use_dora=dora, init_lora_weights=False)
+        model = dt.get_peft_model(tiny_llama(), config)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        inputs = text_inputs()
+        torch.manual_seed(123)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) == (18 if dora else 12)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=0, msg=name)
+
+
 def test_torch_compile_fullgraph_plain_lora_path():
     model = dt.get_peft_model(_mlp(), dt.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
     x = torch.randn(3, 8)
