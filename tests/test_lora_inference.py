@@ -300,3 +300,35 @@ def test_copies_and_pickles_leave_the_caches_out(dora, tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
     assert model.base_model.model[0].adapters["default"]._inference is not None  # the original keeps its own
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_model_made_in_inference_mode_runs_and_follows_in_place_changes(dora):
+    """Inference tensors have no version counter, so nothing derived from them is cached."""
+    with torch.inference_mode():
+        model = _model(use_dora=dora).eval()
+        x = torch.randn(5, 24)
+        torch.testing.assert_close(model(x), _reference(model, x), rtol=1e-5, atol=1e-5)
+        model.base_model.model[0].adapters["default"].lora_B.mul_(-2.0)  # in place, unseen by any version
+        torch.testing.assert_close(model(x), _reference(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_caches_built_in_inference_mode_serve_training_afterwards(dora):
+    """Evaluation under torch.inference_mode between two training steps (caches rebuilt there) must not
+    leave tensors behind that autograd cannot keep."""
+    model = _model(use_dora=dora)
+    fresh = _model(use_dora=dora)
+    x = torch.randn(5, 24)
+    for m in (model, fresh):
+        with torch.no_grad():
+            m.base_model.model[0].adapters["default"].lora_B.mul_(1.5)  # as an optimizer step would
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+    for m in (model, fresh):
+        m.train()
+        m(x).pow(2).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-6, msg=name)

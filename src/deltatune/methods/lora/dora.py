@@ -38,13 +38,19 @@ class DoraState:
         # addresses (new data given through ``.data``; A's and B's old data are kept alive with the cache, so
         # their addresses cannot be taken by other data). Module conversions (``.to``, ``.half``) drop it.
         epoch = cache_epoch.current()
-        w_key = (weight._version, weight.data_ptr())
-        key = w_key + (A._version, B._version, A.data_ptr(), B.data_ptr(), ad.scaling, epoch)
+        try:
+            w_key = (weight._version, weight.data_ptr())
+            key = w_key + (A._version, B._version, A.data_ptr(), B.data_ptr(), ad.scaling, epoch)
+        except RuntimeError:  # tensors made under torch.inference_mode have no version counter: no cache
+            with torch.no_grad():
+                return LF.dora_row_norm(*layer._dora_views(ad), ad.scaling)
         cached = ad._norm_cache
         if (use_cache and cached is not None and cached[0] is weight and cached[1] is A and cached[2] is B
                 and cached[3] == key):
             return cached[4]
-        with torch.no_grad():
+        # Built outside inference mode even when called inside it: the same cached norm serves training later
+        # (autograd cannot keep a tensor made in inference mode for backward).
+        with torch.inference_mode(False), torch.no_grad():  # (in this order: the first turns grad mode on)
             rows, A2, B2 = layer._dora_views(ad)  # rows: dequantized for 4/8-bit bases
             # (a trainable base may be changed by fused optimizer steps, which leave versions alone)
             sq_key = w_key + (A2.dtype, weight.requires_grad and epoch)

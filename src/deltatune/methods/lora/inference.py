@@ -41,9 +41,12 @@ def _factors(layer, ad, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     # tensor's address cannot pass for it), version counters (in-place changes), data addresses (new data
     # given through ``.data``; the cache keeps the old data alive, so no other tensor can take its address)
     # and the optimizer-step counter. Module conversions (``.to``, ``.half``) also drop the cache.
-    key = (A._version, B._version, A.data_ptr(), B.data_ptr(), weight.data_ptr(), ad.scaling, cache_epoch.current())
-    if m is not None:  # DoRA's factors also depend on the base weight's values and the bias
-        key += (m._version, m.data_ptr(), weight._version, bias is not None and (bias._version, bias.data_ptr()))
+    try:
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), weight.data_ptr(), ad.scaling, cache_epoch.current())
+        if m is not None:  # DoRA's factors also depend on the base weight's values and the bias
+            key += (m._version, m.data_ptr(), weight._version, bias is not None and (bias._version, bias.data_ptr()))
+    except RuntimeError:  # tensors made under torch.inference_mode have no version counter: no cache
+        return None
     cached = ad._inference
     if (cached is not None and cached[0] is A and cached[1] is B and cached[2] is m and cached[3] is weight
             and cached[4] is bias and cached[5] == key):
