@@ -56,7 +56,7 @@ class LoraAdapter(nn.Module):
     def __getstate__(self):
         # Copies and pickles leave the caches out: a deep copy would turn the cached view of the base
         # weight into a full copy of it, kept until the copy's next forward rebuilt the cache anyway.
-        state = dict(super().__getstate__())
+        state = super().__getstate__()  # (a copy of __dict__)
         state["_norm_cache"] = state["_inference"] = None
         return state
 
