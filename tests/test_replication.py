@@ -65,3 +65,37 @@ def test_bad_map_changes_nothing():
         dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["nope"], layer_replication=MAP))
     assert len(base.model.layers) == 4 and base.config.num_hidden_layers == 4
     assert [l.self_attn.layer_idx for l in base.model.layers] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merging_gives_each_position_its_own_weight(dora):
+    """Positions share base weights: merging in place would add every position's delta to all of them."""
+    inputs = text_inputs()
+    model = dt.get_peft_model(llama4(), dt.LoraConfig(**KW, use_dora=dora))
+    perturb_trainable(model, 1, 0.3)
+    with torch.no_grad():
+        want = main_output(model(**inputs))
+        model.merge_adapter()
+        torch.testing.assert_close(main_output(model(**inputs)), want, rtol=0, atol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(main_output(model(**inputs)), want, rtol=0, atol=1e-5)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(main_output(merged(**inputs)), want, rtol=0, atol=1e-5)
+    layers = merged.model.layers
+    assert layers[1].self_attn.q_proj.weight is not layers[3].self_attn.q_proj.weight
+    assert layers[1].mlp.up_proj.weight is layers[3].mlp.up_proj.weight  # weights nothing merges into stay shared
+
+
+def test_merging_into_a_tied_output_embedding_leaves_the_input_embedding_alone():
+    from conftest import tiny_gpt2_lm
+
+    inputs = text_inputs()
+    model = dt.get_peft_model(tiny_gpt2_lm(), dt.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    base = model.base_model.model
+    assert base.lm_head.base_layer.weight is base.transformer.wte.weight  # tied
+    embedding = base.transformer.wte.weight.detach().clone()
+    with torch.no_grad():
+        want = main_output(model(**inputs))
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(main_output(merged(**inputs)), want, rtol=0, atol=1e-5)
+    assert torch.equal(merged.transformer.wte.weight, embedding)

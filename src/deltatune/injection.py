@@ -7,6 +7,7 @@ model exactly as it was.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterator, Sequence
 
 from torch import nn
@@ -36,6 +37,24 @@ def adapter_layers(model: nn.Module, layer_cls: type | tuple = ()) -> Iterator[t
 
 def saved_module_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
     return ((n, m) for n, m in iter_modules(model) if isinstance(m, ModulesToSaveWrapper))
+
+
+def own_base_weights(model: nn.Module, layers: Sequence[nn.Module]) -> None:
+    """Give each of ``layers`` (adapter layers about to merge) a base weight of its own where another
+    module holds the same tensor (layer replication, tied input/output embeddings).
+
+    Merging writes the adapter's delta into the base weight in place; in a shared tensor it would reach
+    every module holding it. Of the layers sharing one weight, all but the last get a copy, so the
+    last may write into the original. Only floating-point weights: quantized bases are given new tensors
+    when they are merged anyway.
+    """
+    holders = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for layer in layers:
+        base = layer.base_layer
+        weight = base._parameters.get("weight")
+        if weight is not None and weight.is_floating_point() and holders[id(weight)] > 1:
+            holders[id(weight)] -= 1
+            base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

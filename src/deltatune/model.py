@@ -272,7 +272,9 @@ class PeftModel(nn.Module):
         """Add the adapters' deltas into the base weights (default: the active adapters).
 
         With ``safe_merge`` every new weight is checked for NaN/inf before it is written; if any layer
-        fails, the layers already merged in this call are unmerged again.
+        fails, the layers already merged in this call are unmerged again. A base weight that other modules
+        share (layer replication, tied embeddings) is first copied for the merging layer, so its delta
+        stays in that layer (the copy remains after ``unmerge_adapter``).
         """
         names = list(self._active if adapter_names is None else adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
@@ -280,9 +282,12 @@ class PeftModel(nn.Module):
             raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
         if set(names) & set(self._prompt_names()):
             raise ValueError("prompt-learning adapters add virtual tokens; they have no weights to merge")
+        layers = [layer for _, layer in injection.adapter_layers(self.base_model.model)
+                  if any(n in layer.adapters and n not in layer.merged for n in names)]
+        injection.own_base_weights(self.base_model.model, layers)
         done = []
         try:
-            for _, layer in injection.adapter_layers(self.base_model.model):
+            for layer in layers:
                 before = len(layer.merged)
                 layer.merge(names, safe=safe_merge)
                 if len(layer.merged) > before:
