@@ -99,3 +99,18 @@ def test_merging_into_a_tied_output_embedding_leaves_the_input_embedding_alone()
         merged = model.merge_and_unload()
         torch.testing.assert_close(main_output(merged(**inputs)), want, rtol=0, atol=1e-5)
     assert torch.equal(merged.transformer.wte.weight, embedding)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_residual_inits_are_refused_when_positions_share_weights(init):
+    """PiSSA/OLoRA write W - s B A into the base weight: a shared weight would be initialised twice."""
+    with pytest.raises(ValueError, match=r"layers \[1, 2\]"):
+        dt.LoraConfig(**KW, init_lora_weights=init)
+    inputs = text_inputs()
+    with torch.no_grad():
+        want = main_output(llama4()(**inputs))
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [2, 4]],
+                           init_lora_weights=init)  # nothing repeated, nothing shared: allowed
+    model = dt.get_peft_model(llama4(), config)
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(model(**inputs)), want, rtol=0, atol=1e-4)

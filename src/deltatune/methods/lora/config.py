@@ -119,6 +119,17 @@ class LoraConfig(PeftConfig):
                 isinstance(self.layer_replication, list)
                 and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in self.layer_replication)):
             raise ConfigError(f"layer_replication must be a list of [start, end] pairs, got {self.layer_replication!r}")
+        if (self.layer_replication and isinstance(self.init_lora_weights, str)
+                and self.init_lora_weights.startswith(("pissa", "olora"))):
+            order = [i for start, end in self.layer_replication if isinstance(start, int) and isinstance(end, int)
+                     for i in range(start, end)]
+            repeated = sorted({i for i in order if order.count(i) > 1})
+            if repeated:
+                raise ConfigError(
+                    f"init_lora_weights={self.init_lora_weights!r} writes the residual W - s B A into each adapted "
+                    f"base weight, but layer_replication={self.layer_replication!r} makes positions share the "
+                    f"weights of layers {repeated}: the second position would be initialised from the first one's "
+                    "residual. Use another init_lora_weights with layer_replication.")
         if self.lora_bias:
             raise ConfigError("lora_bias=True is not supported by this version of deltatune")
 
