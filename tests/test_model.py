@@ -266,3 +266,40 @@ def test_inject_adapter_in_model_and_state_dict_helpers():
     torch.testing.assert_close(other(x), model(x))
     from_sd = dt.get_peft_model_state_dict(model, state_dict=model.state_dict())
     assert all(torch.equal(from_sd[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_disable_adapter_on_a_merged_model_computes_the_base_model(dora):
+    """As in peft: merged adapters are unmerged first (with a warning) and stay unmerged."""
+    inputs = text_inputs()
+    with torch.no_grad():
+        want = main_output(tiny_llama()(**inputs))
+    config = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=dora)
+    model = dt.get_peft_model(tiny_llama(), config).eval()
+    with torch.no_grad():
+        adapted = main_output(model(**inputs))
+        model.merge_adapter()
+        with pytest.warns(UserWarning, match="disable_adapter: the model has merged adapters"):
+            with model.disable_adapter():
+                torch.testing.assert_close(main_output(model(**inputs)), want, rtol=0, atol=1e-5)
+        assert not any(layer.merged for layer in model.modules() if isinstance(layer, LoraLayer))
+        torch.testing.assert_close(main_output(model(**inputs)), adapted, rtol=0, atol=1e-5)
+
+
+def test_set_adapter_on_a_merged_model_unmerges_first_as_peft_does():
+    inputs = text_inputs()
+    outs = {}
+    for lib in (peft, dt):
+        model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights=False))
+        model.add_adapter("b", lib.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        if lib is dt:
+            for name in ("default", "b"):
+                dt.set_peft_model_state_dict(model, peft.get_peft_model_state_dict(outs["model"], adapter_name=name), name)
+        with torch.no_grad():
+            model.merge_adapter()
+            with pytest.warns(UserWarning):
+                model.set_adapter("b")
+            outs[lib.__name__] = main_output(model(**inputs))
+        outs["model"] = model
+    torch.testing.assert_close(outs["deltatune"], outs["peft"], rtol=0, atol=1e-5)

@@ -213,8 +213,17 @@ class PeftModel(nn.Module):
             raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
         if len(names) > 1 and set(names) & set(self._prompt_names()):
             raise ValueError("only one prompt-learning adapter can be active at a time")
+        self._unmerge_first("set_adapter")
         self._active = names
         self._apply_active()
+
+    def _unmerge_first(self, caller: str) -> None:
+        """Unmerge merged adapters (with a warning), as peft does before switching or disabling adapters:
+        a merged delta would otherwise keep applying beside the adapters set now, or under disable_adapter."""
+        if any(layer.merged for _, layer in injection.adapter_layers(self.base_model.model)):
+            warnings.warn(f"{caller}: the model has merged adapters; unmerging them first (they stay unmerged)",
+                          UserWarning, stacklevel=3)
+            self.unmerge_adapter()
 
     def _apply_active(self) -> None:
         activate(self.base_model.model, self._active, self.peft_config)
@@ -240,7 +249,9 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Context manager: inside it the model computes as the base model (weights untouched)."""
+        """Context manager: inside it the model computes as the base model. Merged adapters are unmerged
+        first (with a warning) and stay unmerged."""
+        self._unmerge_first("disable_adapter")
         modules = [m for _, m in self._switchable()]
         for m in modules:
             m.set_disabled(True)
