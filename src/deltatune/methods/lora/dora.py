@@ -29,21 +29,16 @@ class DoraState:
 
     def norm(self, layer, ad, use_cache: bool = True) -> Tensor:
         """Detached ``||W + s B A||`` per output channel, ``(out,)``, cached while A, B and W are unchanged."""
-        if torch.compiler.is_compiling():  # a traced graph cannot check tensor versions: recompute every call
+        weight, A, B = layer.base_layer.weight, ad.lora_A, ad.lora_B
+        # A traced graph cannot check tensor versions, and inference tensors have none: recompute every call.
+        key = None if torch.compiler.is_compiling() else _cache_key(weight, A, B, ad.scaling)
+        if key is None:
             with torch.no_grad():
                 return LF.dora_row_norm(*layer._dora_views(ad), ad.scaling)
-        weight, A, B = layer.base_layer.weight, ad.lora_A, ad.lora_B
         # The cache holds the tensors it was built from and compares identities (a replacement allocated at
         # a freed tensor's address, with the same version count, cannot pass for it), versions and data
         # addresses (new data given through ``.data``; A's and B's old data are kept alive with the cache, so
         # their addresses cannot be taken by other data). Module conversions (``.to``, ``.half``) drop it.
-        epoch = cache_epoch.current()
-        try:
-            w_key = (weight._version, weight.data_ptr())
-            key = w_key + (A._version, B._version, A.data_ptr(), B.data_ptr(), ad.scaling, epoch)
-        except RuntimeError:  # tensors made under torch.inference_mode have no version counter: no cache
-            with torch.no_grad():
-                return LF.dora_row_norm(*layer._dora_views(ad), ad.scaling)
         cached = ad._norm_cache
         if (use_cache and cached is not None and cached[0] is weight and cached[1] is A and cached[2] is B
                 and cached[3] == key):
@@ -53,7 +48,7 @@ class DoraState:
         with torch.inference_mode(False), torch.no_grad():  # (in this order: the first turns grad mode on)
             rows, A2, B2 = layer._dora_views(ad)  # rows: dequantized for 4/8-bit bases
             # (a trainable base may be changed by fused optimizer steps, which leave versions alone)
-            sq_key = w_key + (A2.dtype, weight.requires_grad and epoch)
+            sq_key = key[:2] + (A2.dtype, weight.requires_grad and key[-1])  # W's version and address, epoch
             if self.w_sqnorm is None or self.w_sqnorm[0] is not weight or self.w_sqnorm[1] != sq_key:
                 self.w_sqnorm = (weight, sq_key, rows.to(A2.dtype).pow(2).sum(1))
             norm = LF.dora_row_norm(rows, A2, B2, ad.scaling, w_sqnorm=self.w_sqnorm[2])
@@ -73,6 +68,16 @@ class DoraState:
         restored = LF.dora_unmerged_weight(weight, layer.delta_weight(name), ad.lora_magnitude_vector.detach().reshape(-1),
                                            self.merge_norms.pop(name), layer._weight_out_dim)
         return restored.to(weight.dtype)
+
+
+def _cache_key(weight: Tensor, A: Tensor, B: Tensor, scaling: float) -> Optional[tuple]:
+    """``(W version, W address, A and B versions and addresses, scaling, optimizer-step epoch)``, or None
+    for tensors made under ``torch.inference_mode`` (they have no version counter)."""
+    try:
+        return (weight._version, weight.data_ptr(), A._version, B._version, A.data_ptr(), B.data_ptr(), scaling,
+                cache_epoch.current())
+    except RuntimeError:
+        return None
 
 
 def add_dora(layer, out: Tensor, delta: Optional[Tensor], ad) -> Tensor:

@@ -44,7 +44,7 @@ class LoraAdapter(nn.Module):
         self.scaling = float(scaling)
         self.dropout = float(dropout)
         self.register_parameter("lora_magnitude_vector", None)  # DoRA only: (out,)
-        self._norm_cache: Optional[tuple] = None  # (W, A, B, versions, ||W + s B A|| per row), see dora.py
+        self._norm_cache: Optional[tuple] = None  # (W, A, B, key, ||W + s B A|| per row, A/B data), see dora.py
         self._inference: Optional[tuple] = None  # the no-grad path's factors, see inference.py
 
     def _apply(self, fn, *args, **kwargs):
