@@ -261,7 +261,7 @@ def test_inject_adapter_in_model_and_state_dict_helpers():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.adapters.default.lora_A",
                                                                           "0.adapters.default.lora_B"]
     other = dt.inject_adapter_in_model(dt.LoraConfig(r=2, target_modules=["0"]), _mlp())
-    assert dt.set_peft_model_state_dict(other, state) == []
+    assert dt.set_peft_model_state_dict(other, state) == ([], [])  # (missing_keys, unexpected_keys)
     x = torch.randn(2, 8)
     torch.testing.assert_close(other(x), model(x))
     from_sd = dt.get_peft_model_state_dict(model, state_dict=model.state_dict())

@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .injection import adapter_layers, iter_modules, saved_module_wrappers
+from .injection import adapter_layers, assign_parameters, iter_modules, saved_module_wrappers
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import adapter_layer_types
 
@@ -163,18 +163,32 @@ def state_dict_for_save(model: nn.Module, adapter_name: str, bias: str = "none")
     """Detached, contiguous CPU copies of :func:`adapter_tensors` under peft's keys (what goes into the file)."""
     tensors = to_peft_keys(model, adapter_tensors(model, adapter_name, bias, peft_layout=True, for_save=True),
                            adapter_name)
+    empty = [k for k, v in tensors.items() if v.is_meta]
+    if empty:
+        raise CheckpointError(f"adapter {adapter_name!r} has {len(empty)} tensor(s) without values (created with "
+                              f"low_cpu_mem_usage=True and never loaded), e.g. {empty[:3]}")
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
-def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str, bias: str = "none") -> list[str]:
+class LoadResult(NamedTuple):
+    """What :func:`load_into` did not load (the fields of peft's and torch's load results)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str, bias: str = "none",
+              ignore_mismatched_sizes: bool = False) -> LoadResult:
     """Copy checkpoint tensors into adapter ``adapter_name`` of ``model``; all-or-nothing.
 
     Every key is resolved and every shape checked before the first tensor is copied, so a bad
-    checkpoint raises :class:`CheckpointError` and leaves the model unchanged. Keys naming other model
-    parameters (e.g. a base embedding peft saved with ``save_embedding_layers``) are loaded as well.
+    checkpoint raises :class:`CheckpointError` and leaves the model unchanged (``ignore_mismatched_sizes``:
+    tensors of another shape are skipped with a warning instead). Keys naming other model parameters
+    (e.g. a base embedding peft saved with ``save_embedding_layers``) are loaded as well. Tensors created
+    empty on the ``meta`` device (``low_cpu_mem_usage``) are replaced by the loaded values.
 
     Returns:
-        The adapter keys the checkpoint did not provide (missing keys).
+        The adapter keys the checkpoint did not provide (missing keys); unexpected keys raise instead.
     """
     prompts = getattr(model, "prompt_encoder", None)
     if isinstance(prompts, nn.ModuleDict) and adapter_name in prompts and hasattr(prompts[adapter_name], "prepare_load"):
@@ -183,7 +197,7 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
     # ``x.base_layer.bias`` (its layer had an adapter then) is ``x.bias`` on a plain layer now.
     wanted = {_unwrapped(k): v for k, v in adapter_tensors(model, adapter_name, bias, peft_layout=True).items()}
     others = {_unwrapped(n): p for n, p in model.named_parameters()}
-    plan = []
+    plan, skipped = [], []
     for key, tensor in state_dict.items():
         target = wanted.get(_unwrapped(key), others.get(_unwrapped(key)))
         if target is None:
@@ -194,16 +208,28 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
                 f"base model?){hint}"
             )
         if tuple(tensor.shape) != tuple(target.shape):
+            if ignore_mismatched_sizes:
+                skipped.append((key, f"{key}: {tuple(tensor.shape)} vs {tuple(target.shape)}"))
+                continue
             raise CheckpointError(
                 f"checkpoint key {key!r} has shape {tuple(tensor.shape)} but the model expects "
                 f"{tuple(target.shape)}; the model was left unchanged"
             )
         plan.append((target, tensor))
+    provided = {_unwrapped(k) for k in state_dict} - {_unwrapped(k) for k, _ in skipped}
+    empty = [k for k, t in wanted.items() if t.is_meta and k not in provided]
+    if empty:  # created on meta (low_cpu_mem_usage) and not in the file: they would have no values
+        raise CheckpointError(f"the checkpoint has no values for {len(empty)} tensor(s) of adapter {adapter_name!r} "
+                              f"that were created empty (low_cpu_mem_usage), e.g. {empty[:3]}; nothing was loaded")
     with torch.no_grad():
         for target, tensor in plan:
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
-    provided = {_unwrapped(k) for k in state_dict}
-    return [k for k in wanted if k not in provided]
+            if not target.is_meta:
+                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+    assign_parameters(model, [(t, v) for t, v in plan if t.is_meta])  # copy_ into meta does nothing
+    if skipped:
+        warnings.warn(f"ignore_mismatched_sizes: {len(skipped)} tensor(s) of another shape were not loaded: "
+                      f"{[m for _, m in skipped[:5]]}", UserWarning, stacklevel=3)
+    return LoadResult([k for k in wanted if k not in provided], [])
 
 
 def _unwrapped(key: str) -> str:
@@ -236,6 +262,18 @@ def convert_to_plain_lora(tensors: dict[str, Tensor], initial: dict[str, Tensor]
 
 
 # --------------------------------------------------------------------------- files
+def save_adapter(model: nn.Module, adapter_name: str, config, directory: str, initial_dir: Optional[str] = None) -> None:
+    """Write one adapter of ``model`` (a PeftModel) and its ``config`` into ``directory``.
+
+    ``initial_dir``: the folder a PiSSA/OLoRA adapter was saved to right after initialisation; the adapter
+    is then written as plain LoRA for the original base weights (:func:`convert_to_plain_lora`).
+    """
+    tensors = state_dict_for_save(model, adapter_name, getattr(config, "bias", "none"))
+    if initial_dir is not None:
+        tensors, config = convert_to_plain_lora(tensors, read_adapter_weights(initial_dir), config)
+    save_adapter_folder(directory, tensors, config)
+
+
 def save_adapter_folder(directory: str, tensors: dict[str, Tensor], config) -> None:
     """Write ``adapter_model.safetensors`` then ``adapter_config.json`` into ``directory``, each atomically."""
     from safetensors.torch import save_file
@@ -303,6 +341,6 @@ def warn_missing(missing: list[str], adapter_name: str) -> None:
 
 
 __all__ = [
-    "CheckpointError", "adapter_tensors", "state_dict_for_save", "load_into", "save_adapter_folder",
+    "CheckpointError", "LoadResult", "adapter_tensors", "state_dict_for_save", "load_into", "save_adapter_folder",
     "read_adapter_weights", "resolve_adapter_dir", "atomic_write_bytes", "iter_modules",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterator, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import Method, adapter_layer_types
@@ -57,6 +57,26 @@ def own_base_weights(model: nn.Module, layers: Sequence[nn.Module]) -> None:
             base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
 
 
+def assign_parameters(model: nn.Module, values: Sequence[tuple[nn.Parameter, Tensor]]) -> None:
+    """Replace each parameter (one created on the ``meta`` device) by a new one holding its value.
+
+    The new parameter keeps the old one's dtype and ``requires_grad``; it goes on the device of the base
+    layer of the adapter layer that holds it (the value's own device when there is none, or when that
+    base is on ``meta`` too).
+    """
+    devices = {}
+    for _, layer in adapter_layers(model):
+        real = next((p.device for p in layer.base_layer.parameters() if not p.is_meta), None)
+        devices.update({id(p): real for p in layer.parameters() if p.is_meta})
+    owners = {id(p): (module, attr) for module in model.modules()
+              for attr, p in module._parameters.items() if p is not None}
+    for param, value in values:
+        module, attr = owners[id(param)]
+        device = devices.get(id(param)) or value.device
+        new = value.detach().to(device=device, dtype=param.dtype, copy=True)
+        module._parameters[attr] = nn.Parameter(new, requires_grad=param.requires_grad)
+
+
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -93,16 +113,19 @@ def find_targets(model: nn.Module, config, method: Method) -> list[str]:
 
 
 def inject(model: nn.Module, config, adapter_name: str, method: Method,
-           autocast_adapter_dtype: bool = True) -> list[str]:
+           autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> list[str]:
     """Add adapter ``adapter_name`` to every module ``config`` targets; return their names.
 
     A ``layer_replication`` map rebuilds the layer stack first (undone again if injection fails).
+    ``low_cpu_mem_usage``: the adapter tensors are created on the ``meta`` device (no memory, no
+    initialisation); loading a checkpoint then puts them on their layer's device.
     """
     undo = None
     if getattr(config, "layer_replication", None) and not getattr(model, "_deltatune_replicated", False):
         undo = replicate_layers(model, config.layer_replication)
     try:
-        names = _inject(model, config, adapter_name, method, autocast_adapter_dtype)
+        names = _inject(model, config, adapter_name, method, autocast_adapter_dtype,
+                        "meta" if low_cpu_mem_usage else None)
     except Exception:
         if undo is not None:
             undo()
@@ -112,7 +135,7 @@ def inject(model: nn.Module, config, adapter_name: str, method: Method,
     return names
 
 
-def _inject(model, config, adapter_name, method, autocast_adapter_dtype) -> list[str]:
+def _inject(model, config, adapter_name, method, autocast_adapter_dtype, device) -> list[str]:
     names = find_targets(model, config, method)
     layers = {}
     for name in names:
@@ -131,7 +154,7 @@ def _inject(model, config, adapter_name, method, autocast_adapter_dtype) -> list
     try:
         for name, layer in layers.items():
             try:
-                method.add_adapter(layer, name, adapter_name, config, autocast_adapter_dtype)
+                method.add_adapter(layer, name, adapter_name, config, autocast_adapter_dtype, device=device)
             except TypeError as exc:
                 raise TypeError(f"cannot adapt module {name!r}: {exc}") from None
             done.append(layer)

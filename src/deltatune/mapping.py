@@ -14,26 +14,40 @@ from .tasks import task_model_class
 from .registry import get_method
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                   autocast_adapter_dtype: bool = True) -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
     """Wrap ``model`` with a first adapter; the wrapper class follows ``peft_config.task_type``.
+
+    Args:
+        mixed: Adapters of different methods on one model (peft's ``PeftMixedModel``): not supported.
+        revision: The base model's revision, recorded in the adapter's config.
+        low_cpu_mem_usage: Create the adapter's tensors empty on the ``meta`` device, to be filled by
+            loading (:func:`set_peft_model_state_dict`); the model cannot run before that.
 
     Example:
         >>> model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
         >>> model.print_trainable_parameters()
     """
+    if mixed:
+        raise NotImplementedError("mixed=True (adapters of different methods on one model, peft's "
+                                  "PeftMixedModel) is not supported by deltatune")
+    if revision is not None:
+        peft_config = peft_config.replace(revision=revision)
     cls = task_model_class(peft_config.task_type)
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
-                            autocast_adapter_dtype: bool = True) -> nn.Module:
+                            low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> nn.Module:
     """Inject adapter layers into ``model`` in place, without a PeftModel wrapper; returns ``model``.
 
     The base is frozen and the new adapter (and its modules_to_save) is active and trainable.
+    ``low_cpu_mem_usage``: as in :func:`get_peft_model`.
     """
     injection.inject(model, peft_config, adapter_name, get_method(peft_config.peft_type),
-                     autocast_adapter_dtype)
+                     autocast_adapter_dtype, low_cpu_mem_usage)
     injection.add_modules_to_save(model, peft_config.modules_to_save, adapter_name)
     activate(model, [adapter_name], {adapter_name: peft_config})
     return model
@@ -65,9 +79,23 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, Tensor],
-                              adapter_name: str = "default", config: Optional[PeftConfig] = None) -> list[str]:
-    """Load peft-format tensors into adapter ``adapter_name``; all-or-nothing. Returns missing keys."""
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False, *,
+                              config: Optional[PeftConfig] = None) -> ckpt.LoadResult:
+    """Load peft-format tensors into adapter ``adapter_name``; all-or-nothing.
+
+    Args:
+        ignore_mismatched_sizes: Skip tensors whose shape differs from the model's (with a warning)
+            instead of raising :class:`CheckpointError`.
+        low_cpu_mem_usage: Accepted for peft compatibility; tensors created empty on the ``meta`` device
+            are always loaded by assignment, the others by copying.
+        config: The adapter's config, needed for ``bias`` with a bare model.
+
+    Returns:
+        ``(missing_keys, unexpected_keys)``: adapter keys the dict did not provide; unexpected keys
+        raise instead, so that list is empty.
+    """
     weights = dict(peft_model_state_dict)
     if isinstance(model, PeftModel):
         weights = ckpt.from_peft_keys(model, weights, adapter_name)
-    return ckpt.load_into(model, weights, adapter_name, _bias(model, adapter_name, config))
+    return ckpt.load_into(model, weights, adapter_name, _bias(model, adapter_name, config), ignore_mismatched_sizes)

@@ -20,8 +20,7 @@ from . import checkpoint as ckpt
 from . import injection
 from .config import PeftConfig, TaskType
 from .quant.bnb import param_numel
-from .methods.prefix_tuning.encoder import with_prefix
-from .methods.prompt_tuning.encoder import build_prompt_encoder, with_prompts
+from .methods.prompt_tuning.encoder import build_prompt_encoder, prompt_inputs
 from .registry import PromptMethod, get_method
 
 
@@ -87,14 +86,14 @@ class PeftModel(nn.Module):
     default_modules_to_save: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True):
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
         super().__init__()
         self.base_model = AdapterHost(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         self._prompt_off = False
         self._autocast_adapter_dtype = autocast_adapter_dtype
-        self.add_adapter(adapter_name, peft_config)
+        self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage)
         self.set_adapter(adapter_name)
         if _uses_checkpointing(model):
             self._inputs_require_grad()
@@ -119,7 +118,8 @@ class PeftModel(nn.Module):
             return outputs
         if args:  # the first positional argument of transformers models is input_ids
             kwargs["input_ids"] = args[0]
-        return self.base_model.model(**self._prompt_inputs(encoder, **kwargs))
+        causal = self.peft_config[self._active[0]].task_type == TaskType.CAUSAL_LM
+        return self.base_model.model(**prompt_inputs(encoder, self.base_model.model, causal, **kwargs))
 
     def get_base_model(self) -> nn.Module:
         """The underlying model (adapter layers included)."""
@@ -141,8 +141,13 @@ class PeftModel(nn.Module):
             config = config.replace(modules_to_save=list(config.modules_to_save or []) + extra)
         return config
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Inject a new (inactive unless it is the first) adapter. On error the model is unchanged."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: Optional[bool] = None) -> None:
+        """Inject a new (inactive unless it is the first) adapter. On error the model is unchanged.
+
+        ``low_cpu_mem_usage``: its tensors are created empty on the ``meta`` device, to be loaded
+        (prompt-learning adapters are created as usual). ``autocast_adapter_dtype``: default, the model's.
+        """
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it first")
@@ -164,7 +169,8 @@ class PeftModel(nn.Module):
         if isinstance(method, PromptMethod):
             config = self._add_prompt(adapter_name, config, method)
         else:
-            names = injection.inject(model, config, adapter_name, method, self._autocast_adapter_dtype)
+            autocast = self._autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
+            names = injection.inject(model, config, adapter_name, method, autocast, low_cpu_mem_usage)
             if getattr(config, "fan_in_fan_out", None) is False and any(
                 getattr(model.get_submodule(n), "fan_in_fan_out", False) for n in names
             ):
@@ -189,21 +195,6 @@ class PeftModel(nn.Module):
         if not names or self._prompt_off:
             return None
         return next((self.prompt_encoder[n] for n in self._active if n in names), None)
-
-    def _prompt_inputs(self, encoder, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                       token_type_ids=None, position_ids=None, **kwargs) -> dict:
-        if position_ids is not None:
-            warnings.warn("position_ids are ignored with prompt tuning (the virtual tokens shift every position)")
-        if getattr(encoder, "is_prefix", False):  # prefix tuning: a pre-filled key/value cache
-            if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids
-            model, decoder_mask = self.base_model.model, kwargs.pop("decoder_attention_mask", None)
-            prefix = with_prefix(encoder, model, input_ids, inputs_embeds, attention_mask, decoder_mask)
-            return {**kwargs, "labels": labels, **prefix}
-        causal = self.peft_config[self._active[0]].task_type == TaskType.CAUSAL_LM
-        inputs = with_prompts(encoder, self.base_model.model.get_input_embeddings(), input_ids, inputs_embeds,
-                              attention_mask, labels, token_type_ids, extend_labels=causal)
-        return {**kwargs, **inputs}
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
         """Activate one adapter, or several (their deltas are summed); they become trainable."""
@@ -265,18 +256,9 @@ class PeftModel(nn.Module):
 
     def update_and_allocate(self, global_step: int) -> None:
         """AdaLoRA: after each optimizer step, update importance scores and reallocate ranks."""
-        from .methods.adalora import RankAllocator
+        from .methods.adalora import update_and_allocate
 
-        name = next((n for n in self._active if self.peft_config[n].peft_type.value == "ADALORA"), None)
-        if name is None:
-            raise ValueError("update_and_allocate needs an active AdaLoRA adapter")
-        allocators = self.__dict__.setdefault("_allocators", {})
-        if name not in allocators or allocators[name].config is not self.peft_config[name]:
-            allocators[name] = RankAllocator(self.peft_config[name], name)
-        pattern = allocators[name].step(self.base_model.model, global_step)
-        if pattern:
-            self.peft_config[name] = self.peft_config[name].replace(rank_pattern=pattern)
-            allocators[name].config = self.peft_config[name]
+        update_and_allocate(self, global_step)
 
     # ------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
@@ -370,27 +352,27 @@ class PeftModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
         base_name = getattr(getattr(self.base_model.model, "config", None), "name_or_path", None) or None
+        initial = path_initial_model_for_weight_conversion
         for name in names:
             config = self.peft_config[name]
             config = config.replace(inference_mode=True,
                                     base_model_name_or_path=config.base_model_name_or_path or base_name)
-            tensors = ckpt.state_dict_for_save(self, name, getattr(config, "bias", "none"))
-            if path_initial_model_for_weight_conversion is not None:
-                initial_dir = path_initial_model_for_weight_conversion
-                initial_dir = initial_dir if name == "default" else os.path.join(initial_dir, name)
-                tensors, config = ckpt.convert_to_plain_lora(tensors, ckpt.read_adapter_weights(initial_dir), config)
-            folder = save_directory if name == "default" else os.path.join(save_directory, name)
-            ckpt.save_adapter_folder(folder, tensors, config)
+            folder, init = save_directory, initial
+            if name != "default":  # other adapters go into sub-folders named after them, as peft writes them
+                folder, init = os.path.join(folder, name), init and os.path.join(init, name)
+            ckpt.save_adapter(self, name, config, folder, init)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
                         autocast_adapter_dtype: bool = True, subfolder: Optional[str] = None,
-                        revision: Optional[str] = None, **hub_kwargs) -> "PeftModel":
+                        revision: Optional[str] = None, low_cpu_mem_usage: bool = False,
+                        **hub_kwargs) -> "PeftModel":
         """Load a saved adapter (local folder or Hub id) onto ``model``.
 
         The files are read and checked before the model is touched; if the weights do not fit, the
-        injected layers are removed again and the model is left as it was.
+        injected layers are removed again and the model is left as it was. ``low_cpu_mem_usage``: the
+        adapter is created empty (no initialisation) and takes the file's tensors by assignment.
         """
         directory = ckpt.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
         config = config or PeftConfig.from_pretrained(directory)
@@ -399,7 +381,8 @@ class PeftModel(nn.Module):
         from .tasks import task_model_class
 
         target_cls = task_model_class(config.task_type) if cls is PeftModel else cls
-        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                low_cpu_mem_usage=low_cpu_mem_usage)
         try:
             peft_model._load_weights(weights, adapter_name)
         except Exception:
@@ -408,15 +391,18 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     subfolder: Optional[str] = None, revision: Optional[str] = None, **hub_kwargs) -> None:
-        """Load another saved adapter next to the existing ones (it is not activated)."""
+                     subfolder: Optional[str] = None, revision: Optional[str] = None,
+                     autocast_adapter_dtype: Optional[bool] = None, low_cpu_mem_usage: bool = False,
+                     **hub_kwargs) -> None:
+        """Load another saved adapter next to the existing ones (it is not activated); the options are
+        those of :meth:`from_pretrained`."""
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it first")
         directory = ckpt.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
         config = PeftConfig.from_pretrained(directory).replace(inference_mode=not is_trainable)
         weights = ckpt.read_adapter_weights(directory)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
         try:
             self._load_weights(weights, adapter_name)
         except Exception:
@@ -425,5 +411,5 @@ class PeftModel(nn.Module):
 
     def _load_weights(self, weights: dict, adapter_name: str) -> None:
         bias = getattr(self.peft_config[adapter_name], "bias", "none")
-        missing = ckpt.load_into(self, ckpt.from_peft_keys(self, weights, adapter_name), adapter_name, bias)
-        ckpt.warn_missing(missing, adapter_name)
+        result = ckpt.load_into(self, ckpt.from_peft_keys(self, weights, adapter_name), adapter_name, bias)
+        ckpt.warn_missing(result.missing_keys, adapter_name)

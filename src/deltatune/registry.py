@@ -22,8 +22,9 @@ class Method:
         config_cls: Its config dataclass.
         layer_cls: Base class of its adapter layers (to find them in a model).
         wrap: ``base module -> fresh adapter layer`` (TypeError for unsupported modules).
-        add_adapter: ``(layer, module_name, adapter_name, config, autocast_adapter_dtype) -> None``:
-            create one adapter in a layer.
+        add_adapter: ``(layer, module_name, adapter_name, config, autocast_adapter_dtype, device=None)
+            -> None``: create one adapter in a layer (on the base weight's device; ``device="meta"``:
+            empty tensors, for loading by assignment).
         is_linear: Which modules ``"all-linear"`` selects.
         adjust_output: See the field's comment.
     """

@@ -3,17 +3,17 @@
 from ...config import PeftType
 from ...registry import Method, register
 from ..lora.layer import is_linear
-from .allocator import RankAllocator, orthogonality_penalty
+from .allocator import RankAllocator, orthogonality_penalty, update_and_allocate
 from .config import AdaLoraConfig
 from .layer import SVDLinear, wrap_module
 
 
 def _add_adapter(layer: SVDLinear, module_name: str, adapter_name: str, config: AdaLoraConfig,
-                 autocast_adapter_dtype: bool = True) -> None:
+                 autocast_adapter_dtype: bool = True, device=None) -> None:
     layer.add_adapter(adapter_name, r=config.rank_for(module_name), r0=config.init_r,
                       scaling=config.lora_alpha if config.lora_alpha > 0 else float(config.init_r),
                       dropout=config.lora_dropout, init=config.init_lora_weights,
-                      autocast_adapter_dtype=autocast_adapter_dtype)
+                      autocast_adapter_dtype=autocast_adapter_dtype, device=device)
 
 
 def _add_orth_loss(peft_model, outputs, config: AdaLoraConfig, adapter_name: str):
@@ -27,4 +27,4 @@ def _add_orth_loss(peft_model, outputs, config: AdaLoraConfig, adapter_name: str
 register(Method(PeftType.ADALORA, AdaLoraConfig, SVDLinear, wrap_module, _add_adapter, is_linear,
                 adjust_output=_add_orth_loss))
 
-__all__ = ["AdaLoraConfig", "RankAllocator", "SVDLinear"]
+__all__ = ["AdaLoraConfig", "RankAllocator", "SVDLinear", "update_and_allocate"]

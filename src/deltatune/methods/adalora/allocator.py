@@ -113,3 +113,20 @@ def orthogonality_penalty(model: nn.Module, adapter_name: str) -> Tensor:
             total = term if total is None else total + term
             count += 1
     return total / count if count else torch.zeros(())
+
+
+def update_and_allocate(peft_model, global_step: int) -> None:
+    """``PeftModel.update_and_allocate``: step the active AdaLoRA adapter's :class:`RankAllocator` (one per
+    adapter, kept on the model, rebuilt when the adapter's config is replaced) and record a new rank
+    pattern in its config."""
+    configs = peft_model.peft_config
+    name = next((n for n in peft_model.active_adapters if configs[n].peft_type.value == "ADALORA"), None)
+    if name is None:
+        raise ValueError("update_and_allocate needs an active AdaLoRA adapter")
+    allocators = peft_model.__dict__.setdefault("_allocators", {})
+    if name not in allocators or allocators[name].config is not configs[name]:
+        allocators[name] = RankAllocator(configs[name], name)
+    pattern = allocators[name].step(peft_model.base_model.model, global_step)
+    if pattern:
+        configs[name] = configs[name].replace(rank_pattern=pattern)
+        allocators[name].config = configs[name]

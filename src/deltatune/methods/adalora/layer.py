@@ -46,11 +46,12 @@ class SVDLinear(nn.Module):
     _refresh = adapter_state.refresh
 
     def add_adapter(self, name: str, r: int, r0: int, scaling: float, dropout: float, init: bool = True,
-                    autocast_adapter_dtype: bool = True) -> None:
+                    autocast_adapter_dtype: bool = True, device=None) -> None:
+        """Create adapter ``name`` on the base weight's device (``device="meta"``: empty, to be loaded)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer")
         weight = self.base_layer.weight
-        ad = SVDAdapter(r, self.in_features, self.out_features, scaling, dropout, r0, weight.device,
+        ad = SVDAdapter(r, self.in_features, self.out_features, scaling, dropout, r0, device or weight.device,
                         adapter_dtype(weight, autocast_adapter_dtype))
         with torch.no_grad():  # E = 0: the layer starts as the base; A and B small random (as in the paper)
             nn.init.normal_(ad.lora_A, std=0.02)

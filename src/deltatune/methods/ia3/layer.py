@@ -58,13 +58,15 @@ class IA3Layer(nn.Module):
         return (1, in_f) if feedforward else (out_f, 1)
 
     # ------------------------------------------------------------------ bookkeeping
-    def add_adapter(self, name: str, feedforward: bool, init: bool = True, autocast_adapter_dtype: bool = True) -> None:
+    def add_adapter(self, name: str, feedforward: bool, init: bool = True, autocast_adapter_dtype: bool = True,
+                    device=None) -> None:
+        """Create adapter ``name`` on the base weight's device (``device="meta"``: empty, to be loaded)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer")
         weight = self.base_layer.weight
-        adapter = IA3Adapter(self._shape(feedforward), feedforward, device=weight.device,
+        adapter = IA3Adapter(self._shape(feedforward), feedforward, device=device or weight.device,
                              dtype=adapter_dtype(weight, autocast_adapter_dtype))
-        if not init:
+        if not init and not adapter.ia3_l.is_meta:
             with torch.no_grad():
                 adapter.ia3_l.normal_(1.0, 0.2)
         self.adapters[name] = adapter

@@ -7,7 +7,7 @@ from .layer import LoraLayer, is_linear, wrap_module
 
 
 def _add_adapter(layer: LoraLayer, module_name: str, adapter_name: str, config: LoraConfig,
-                 autocast_adapter_dtype: bool = True) -> None:
+                 autocast_adapter_dtype: bool = True, device=None) -> None:
     layer.add_adapter(
         adapter_name,
         r=config.rank_for(module_name),
@@ -16,6 +16,7 @@ def _add_adapter(layer: LoraLayer, module_name: str, adapter_name: str, config: 
         init=config.init_lora_weights,
         autocast_adapter_dtype=autocast_adapter_dtype,
         use_dora=config.use_dora,
+        device=device,
     )
 
 

@@ -128,15 +128,28 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ adapter bookkeeping
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0, init=True,
-                    autocast_adapter_dtype: bool = True, use_dora: bool = False) -> None:
-        """Create adapter ``name`` on the base weight's device (and dtype; float32 for half bases)."""
+                    autocast_adapter_dtype: bool = True, use_dora: bool = False, device=None) -> None:
+        """Create adapter ``name`` on the base weight's device (and dtype; float32 for half bases).
+
+        ``device="meta"`` creates it empty, to be loaded by assignment (``low_cpu_mem_usage``); a
+        PiSSA/OLoRA adapter is still made on the base's device, since it must rewrite the base weight.
+        """
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer")
         weight = self.base_layer.weight
+        from_base = isinstance(init, str) and init.startswith(("pissa", "olora"))
+        if device is None or from_base:
+            device = weight.device
         a_shape, b_shape = self._shapes(r)
-        adapter = LoraAdapter(a_shape, b_shape, scaling, dropout, device=weight.device,
+        adapter = LoraAdapter(a_shape, b_shape, scaling, dropout, device=device,
                               dtype=adapter_dtype(weight, autocast_adapter_dtype))
-        if isinstance(init, str) and init.startswith(("pissa", "olora")):
+        if adapter.lora_A.is_meta:
+            if use_dora:  # no values to compute ||W + s B A|| from: m is loaded like A and B
+                m = adapter.lora_B.new_empty(adapter.lora_B.shape[0])  # one per output channel
+                adapter.lora_magnitude_vector = nn.Parameter(m.reshape(self._magnitude_shape()))
+            self.adapters[name] = adapter
+            return
+        if from_base:
             self._init_from_base(adapter, init)
         else:
             self._init_adapter(adapter, init)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from ..prefix_tuning.encoder import with_prefix
 
 
 class PromptEmbedding(nn.Module):
@@ -62,6 +65,23 @@ def with_prompts(encoder: PromptEmbedding, word_embeddings: nn.Embedding, input_
     if token_type_ids is not None:
         out["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, n), token_type_ids], dim=1)
     return out
+
+
+def prompt_inputs(encoder: nn.Module, model: nn.Module, causal: bool, input_ids=None, attention_mask=None,
+                  inputs_embeds=None, labels=None, token_type_ids=None, position_ids=None, **kwargs) -> dict:
+    """The keyword arguments for ``model`` with the active prompt encoder's virtual tokens (prompt tuning,
+    P-tuning) or key/value prefix (prefix tuning) added; ``causal``: extend ``labels`` over the prompt."""
+    if position_ids is not None:
+        warnings.warn("position_ids are ignored with prompt tuning (the virtual tokens shift every position)")
+    if getattr(encoder, "is_prefix", False):  # prefix tuning: a pre-filled key/value cache
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        decoder_mask = kwargs.pop("decoder_attention_mask", None)
+        prefix = with_prefix(encoder, model, input_ids, inputs_embeds, attention_mask, decoder_mask)
+        return {**kwargs, "labels": labels, **prefix}
+    inputs = with_prompts(encoder, model.get_input_embeddings(), input_ids, inputs_embeds, attention_mask, labels,
+                          token_type_ids, extend_labels=causal)
+    return {**kwargs, **inputs}
 
 
 def build_prompt_encoder(method, config, model: nn.Module):
