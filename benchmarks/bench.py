@@ -255,12 +255,14 @@ def group_io(rounds: int) -> list[tuple]:
                          for lib, m in models.items()}, rounds=rounds, reps=1)
         bases = {lib: llama() for lib in models}
 
-        def load(lib):
+        def load(lib, **kwargs):
             module = __import__(lib)
-            return lambda: module.PeftModel.from_pretrained(copy.deepcopy(bases[lib]), os.path.join(tmp, lib))
+            return lambda: module.PeftModel.from_pretrained(copy.deepcopy(bases[lib]), os.path.join(tmp, lib), **kwargs)
         loads = best_of({lib: load(lib) for lib in models}, rounds=rounds, reps=1)
+        lean = best_of({lib: load(lib, low_cpu_mem_usage=True) for lib in models}, rounds=rounds, reps=1)
     rows.append(("save_pretrained (seconds)", saves["deltatune"], saves["peft"]))
     rows.append(("from_pretrained incl. a base copy (seconds)", loads["deltatune"], loads["peft"]))
+    rows.append(("same, low_cpu_mem_usage=True (seconds)", lean["deltatune"], lean["peft"]))
     return rows
 
 
