@@ -53,9 +53,10 @@ def _geometric(count: int, p: float, device) -> Tensor:
     return u.log_().mul_(1.0 / math.log1p(-p)).to(torch.int64).add_(1)
 
 
-def _dropped_copy(x2: Tensor, positions: Tensor, keep_scale: float) -> Tensor:
-    """``drop(x)``: a scaled copy of ``x2`` with the dropped elements zeroed."""
-    out = x2 * keep_scale
+def _masked_copy(x2: Tensor, positions: Tensor) -> Tensor:
+    """``mask * x``: a copy of ``x2`` with the dropped elements zeroed (``drop(x)`` without its ``1 / (1 - p)``,
+    which goes on the rank-r side: an ``r``-wide multiply instead of an input-wide one)."""
+    out = x2.clone()
     out.view(-1).index_fill_(0, positions, 0.0)
     return out
 
@@ -101,13 +102,12 @@ class _LoraLinear(torch.autograd.Function):
         ctx.scaling, ctx.keep_scale = scaling, keep_scale
         if p > 0.0:
             positions = sample_dropped(x2.numel(), p, x.device)
-            hidden = F.linear(_dropped_copy(x2, positions, keep_scale), A)
+            hidden = F.linear(_masked_copy(x2, positions), A).mul_(scaling * keep_scale)  # s A drop(x)
             compact = positions.to(torch.int32) if x2.numel() < 2**31 else positions
             ctx.mark_non_differentiable(positions)
         else:
-            hidden = F.linear(x2, A)
+            hidden = F.linear(x2, A).mul_(scaling)  # (tokens, r)
             compact = None
-        hidden.mul_(scaling)  # (tokens, r)
         if into is not None:
             out = into.addmm_(hidden, B.t())
             ctx.mark_dirty(into)
@@ -137,21 +137,20 @@ class _LoraLinear(torch.autograd.Function):
         tokens = x2.shape[0]
         positions = None if compact is None else compact.long()
         Bs = scaled_rows(B, scale)
-        grad_hidden = torch.mm(g, Bs).mul_(ctx.scaling)  # d loss / d(A drop(x)): (tokens, r)
+        # d loss / d(A x) (tokens, r); with dropout d loss / d(A mask x), so the keep scale is on it
+        grad_hidden = torch.mm(g, Bs).mul_(ctx.scaling if positions is None else ctx.scaling * ctx.keep_scale)
         grad_x = grad_w = grad_b = grad_A = grad_B = grad_scale = None
         if need[5]:
             grad_B = scaled_rows(g.t() @ hidden, scale)  # hidden already carries s
         if need[4]:
-            grad_A = grad_hidden.t() @ (x2 if positions is None else _dropped_copy(x2, positions, ctx.keep_scale))
+            grad_A = grad_hidden.t() @ (x2 if positions is None else _masked_copy(x2, positions))
         if need[0]:
             if weight is not None and positions is None and _folds(tokens, weight, 0):
                 W = scaled_rows(weight, scale)
                 grad_x = torch.mm(g, plus_low_rank(W, weight, Bs, A, ctx.scaling))
             else:
-                if positions is None:
-                    grad_x = torch.mm(grad_hidden, A)
-                else:  # the keep scale on the rank-r factor, not on the input-sized result
-                    grad_x = torch.mm(grad_hidden.mul_(ctx.keep_scale), A)
+                grad_x = torch.mm(grad_hidden, A)
+                if positions is not None:
                     grad_x.view(-1).index_fill_(0, positions, 0.0)
                 if weight is not None:  # the base's input gradient, into the same buffer
                     if scale is None or tokens >= weight.shape[1]:
