@@ -142,14 +142,19 @@ class _LoraLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_A = grad_B = grad_scale = None
         if need[5]:
             grad_B = scaled_rows(g.t() @ hidden, scale)  # hidden already carries s
+        spare = None  # an input-sized buffer the input gradient may reuse
         if need[4]:
-            grad_A = grad_hidden.t() @ (x2 if positions is None else _masked_copy(x2, positions))
+            if positions is None:
+                grad_A = grad_hidden.t() @ x2
+            else:
+                spare = _masked_copy(x2, positions)
+                grad_A = grad_hidden.t() @ spare
         if need[0]:
             if weight is not None and positions is None and _folds(tokens, weight, 0):
                 W = scaled_rows(weight, scale)
                 grad_x = torch.mm(g, plus_low_rank(W, weight, Bs, A, ctx.scaling))
             else:
-                grad_x = torch.mm(grad_hidden, A)
+                grad_x = torch.mm(grad_hidden, A) if spare is None else torch.mm(grad_hidden, A, out=spare)
                 if positions is not None:
                     grad_x.view(-1).index_fill_(0, positions, 0.0)
                 if weight is not None:  # the base's input gradient, into the same buffer
