@@ -53,6 +53,25 @@ def test_failed_injection_gives_the_residual_back():
     torch.testing.assert_close(model[0].weight, before, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("second", ["pissa", "olora"])
+def test_a_second_residual_initialisation_is_refused(second):
+    inputs = text_inputs()
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="pissa"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.1)  # trained: the adapter no longer cancels its residual
+    want = _logits(model, inputs)
+    bases = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with pytest.raises(ValueError, match=r"cannot adapt module 'model\.layers\.0\.self_attn\.q_proj'.*residual of adapter 'default'"):
+        model.add_adapter("other", dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=second))
+    assert list(model.peft_config) == ["default"]
+    assert all(torch.equal(p, bases[n]) for n, p in model.named_parameters() if "base_layer" in n)
+    torch.testing.assert_close(_logits(model, inputs), want, rtol=0, atol=0)
+    model.add_adapter("plain", dt.LoraConfig(r=2, target_modules=["q_proj"]))  # other inits are fine
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_conversion_to_plain_lora_loads_on_the_original_base(rslora, tmp_path):
     inputs = text_inputs()

@@ -155,8 +155,8 @@ def _inject(model, config, adapter_name, method, autocast_adapter_dtype, device)
         for name, layer in layers.items():
             try:
                 method.add_adapter(layer, name, adapter_name, config, autocast_adapter_dtype, device=device)
-            except TypeError as exc:
-                raise TypeError(f"cannot adapt module {name!r}: {exc}") from None
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"cannot adapt module {name!r}: {exc}") from None
             done.append(layer)
     except Exception:
         for layer in done:  # undo, not delete: an initialisation may have changed the base weight

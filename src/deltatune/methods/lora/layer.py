@@ -138,6 +138,11 @@ class LoraLayer(nn.Module):
             raise ValueError(f"adapter {name!r} already exists in this layer")
         weight = self.base_layer.weight
         from_base = isinstance(init, str) and init.startswith(("pissa", "olora"))
+        holder = next((n for n, ad in self.adapters.items() if getattr(ad, "wrote_residual", False)), None)
+        if from_base and holder is not None:
+            raise ValueError(f"init_lora_weights={init!r}: the base weight already holds the residual of adapter "
+                             f"{holder!r} (a PiSSA/OLoRA initialisation); a second residual would change "
+                             f"{holder!r}'s outputs. Add this adapter to a fresh base model")
         if device is None or from_base:
             device = weight.device
         a_shape, b_shape = self._shapes(r)
