@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 
+import peft
 import pytest
 import safetensors.torch
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import deltatune as dt
+from conftest import main_output, text_inputs, tiny_llama
 from deltatune.methods.lora import LoraLayer
 
 
@@ -161,3 +163,37 @@ def test_save_refuses_pickle_and_files(tmp_path):
     file.write_text("")
     with pytest.raises(ValueError, match="is a file"):
         model.save_pretrained(str(file))
+
+
+def test_key_mapping_renames_file_keys_as_peft_does(tmp_path):
+    source = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False))
+    path = str(tmp_path / "renamed")
+    source.save_pretrained(path)
+    file = os.path.join(path, "adapter_model.safetensors")
+    save_file({k.replace(".model.layers.", ".decoder.blocks."): v for k, v in load_file(file).items()}, file)
+    with pytest.raises(dt.CheckpointError, match="decoder"):
+        dt.PeftModel.from_pretrained(tiny_llama(), path)
+    mapping = {r"^decoder\.blocks\.(\d+)": r"model.layers.\1"}
+    ours = dt.PeftModel.from_pretrained(tiny_llama(), path, key_mapping=mapping)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), path, key_mapping=mapping)
+    inputs = text_inputs()
+    want = main_output(source.eval()(**inputs))
+    torch.testing.assert_close(main_output(ours(**inputs)), want, rtol=0, atol=0)
+    torch.testing.assert_close(main_output(theirs(**inputs)), want, rtol=1e-6, atol=1e-6)
+    ours.load_adapter(path, "again", key_mapping=mapping)
+    with pytest.raises(ValueError, match="not a regular expression"):
+        ours.load_adapter(path, "bad", key_mapping={"(": "x"})
+    assert list(ours.peft_config) == ["default", "again"]
+
+
+def test_unknown_keyword_arguments_are_refused(tmp_path):
+    _, path = _saved(tmp_path)
+    target = _mlp()
+    snap = _snapshot(target)
+    with pytest.raises(TypeError, match="torch_dtype"):
+        dt.PeftModel.from_pretrained(target, path, torch_dtype=torch.float16)
+    _assert_unchanged(target, snap)
+    model = dt.PeftModel.from_pretrained(target, path, ephemeral_gpu_offload=True, local_files_only=True)
+    with pytest.raises(TypeError, match="adapter_nmae"):
+        model.load_adapter(path, "other", adapter_nmae="x")

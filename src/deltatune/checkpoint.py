@@ -13,6 +13,7 @@ adapter name left out) plus a suffix per tensor, e.g.::
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 from typing import NamedTuple, Optional
@@ -156,6 +157,32 @@ def from_peft_keys(model: nn.Module, weights: dict[str, Tensor], adapter_name: s
             out[ROOT + key[len("base_model."):]] = value
         else:
             out[ROOT + key] = value
+    return out
+
+
+def rename_keys(weights: dict[str, Tensor], key_mapping: Optional[dict[str, str]]) -> dict[str, Tensor]:
+    """peft's ``key_mapping``: regular-expression ``pattern -> replacement`` pairs applied to each file key
+    without its ``base_model.model.`` prefix (the first pattern that matches renames it), e.g.
+    ``{r"^language_model\\.blocks": "model.layers"}`` for a checkpoint of a model whose modules were renamed."""
+    if not key_mapping:
+        return weights
+    rules = []
+    for pattern, replacement in key_mapping.items():
+        try:
+            rules.append((re.compile(pattern), replacement))
+        except re.error as exc:
+            raise ValueError(f"key_mapping pattern {pattern!r} is not a regular expression: {exc}") from None
+    out: dict[str, Tensor] = {}
+    for key, value in weights.items():
+        prefix = ROOT if key.startswith(ROOT) else ""
+        rest = key[len(prefix):]
+        for rule, replacement in rules:
+            rest, hits = rule.subn(replacement, rest)
+            if hits:
+                break
+        if prefix + rest in out:
+            raise CheckpointError(f"key_mapping renames two checkpoint keys to {prefix + rest!r}")
+        out[prefix + rest] = value
     return out
 
 
@@ -307,9 +334,17 @@ def read_adapter_weights(directory: str, allow_pickle: bool = True) -> dict[str,
     raise FileNotFoundError(f"no {SAFETENSORS_NAME} (or {PICKLE_NAME}) in {directory}")
 
 
+#: Keyword arguments of ``from_pretrained``/``load_adapter`` passed on to the Hub download.
+HUB_KWARGS = {"token", "cache_dir", "force_download", "local_files_only", "proxies", "etag_timeout", "endpoint",
+              "user_agent", "max_workers"}
+
+
 def resolve_adapter_dir(path_or_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None,
                         **hub_kwargs) -> str:
     """A local folder holding the adapter: ``path_or_id`` itself, or a Hub snapshot of it."""
+    unknown = sorted(set(hub_kwargs) - HUB_KWARGS)
+    if unknown:  # (for a local folder they would otherwise be dropped without a word)
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the Hub download takes {sorted(HUB_KWARGS)}")
     local = os.path.join(path_or_id, subfolder) if subfolder else str(path_or_id)
     if os.path.isdir(local):
         return local
@@ -342,5 +377,5 @@ def warn_missing(missing: list[str], adapter_name: str) -> None:
 
 __all__ = [
     "CheckpointError", "LoadResult", "adapter_tensors", "state_dict_for_save", "load_into", "save_adapter_folder",
-    "read_adapter_weights", "resolve_adapter_dir", "atomic_write_bytes", "iter_modules",
+    "read_adapter_weights", "rename_keys", "resolve_adapter_dir", "atomic_write_bytes", "iter_modules",
 ]

@@ -367,17 +367,21 @@ class PeftModel(nn.Module):
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
                         autocast_adapter_dtype: bool = True, subfolder: Optional[str] = None,
                         revision: Optional[str] = None, low_cpu_mem_usage: bool = False,
+                        key_mapping: Optional[dict[str, str]] = None, ephemeral_gpu_offload: bool = False,
                         **hub_kwargs) -> "PeftModel":
         """Load a saved adapter (local folder or Hub id) onto ``model``.
 
         The files are read and checked before the model is touched; if the weights do not fit, the
         injected layers are removed again and the model is left as it was. ``low_cpu_mem_usage``: the
         adapter is created empty (no initialisation) and takes the file's tensors by assignment.
+        ``key_mapping``: see :func:`deltatune.checkpoint.rename_keys`. ``ephemeral_gpu_offload`` is accepted
+        for peft compatibility and changes nothing (DoRA's norms are computed where the weights are).
+        ``hub_kwargs`` (``token``, ``cache_dir``, ...) go to the Hub download.
         """
         directory = ckpt.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
         config = config or PeftConfig.from_pretrained(directory)
         config = config.replace(inference_mode=not is_trainable)
-        weights = ckpt.read_adapter_weights(directory)
+        weights = ckpt.rename_keys(ckpt.read_adapter_weights(directory), key_mapping)
         from .tasks import task_model_class
 
         target_cls = task_model_class(config.task_type) if cls is PeftModel else cls
@@ -393,6 +397,7 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      subfolder: Optional[str] = None, revision: Optional[str] = None,
                      autocast_adapter_dtype: Optional[bool] = None, low_cpu_mem_usage: bool = False,
+                     key_mapping: Optional[dict[str, str]] = None, ephemeral_gpu_offload: bool = False,
                      **hub_kwargs) -> None:
         """Load another saved adapter next to the existing ones (it is not activated); the options are
         those of :meth:`from_pretrained`."""
@@ -401,7 +406,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it first")
         directory = ckpt.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
         config = PeftConfig.from_pretrained(directory).replace(inference_mode=not is_trainable)
-        weights = ckpt.read_adapter_weights(directory)
+        weights = ckpt.rename_keys(ckpt.read_adapter_weights(directory), key_mapping)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
         try:
             self._load_weights(weights, adapter_name)
