@@ -303,3 +303,25 @@ def test_set_adapter_on_a_merged_model_unmerges_first_as_peft_does():
             outs[lib.__name__] = main_output(model(**inputs))
         outs["model"] = model
     torch.testing.assert_close(outs["deltatune"], outs["peft"], rtol=0, atol=1e-5)
+
+
+def test_inject_adapter_in_model_targets_the_modules_of_a_state_dict_as_peft_does():
+    source = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    state = {k.replace("base_model.model.", ""): torch.randn_like(v) * 0.2
+             for k, v in peft.get_peft_model_state_dict(source).items() if "layers.0" in k}
+    config = dict(r=2, target_modules=["q_proj"])
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(**config), tiny_llama(), state_dict=state)
+    ours = dt.inject_adapter_in_model(dt.LoraConfig(**config), tiny_llama(), state_dict=state)
+    adapted = sorted(n for n, m in ours.named_modules() if isinstance(m, LoraLayer))
+    assert adapted == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.v_proj"]
+    assert adapted == sorted(n[: -len(".lora_A")] for n, _ in theirs.named_modules() if n.endswith("lora_A"))
+    lean = dt.inject_adapter_in_model(dt.LoraConfig(**config), tiny_llama(), low_cpu_mem_usage=True, state_dict=state)
+    for model, lib in ((ours, dt), (lean, dt), (theirs, peft)):
+        lib.set_peft_model_state_dict(model, state)
+    inputs = text_inputs()
+    want = main_output(theirs(**inputs))
+    for model in (ours, lean):
+        torch.testing.assert_close(main_output(model(**inputs)), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no adapter keys"):
+        dt.inject_adapter_in_model(dt.LoraConfig(**config), tiny_llama(), state_dict={"score.weight": torch.zeros(1)})

@@ -160,6 +160,20 @@ def from_peft_keys(model: nn.Module, weights: dict[str, Tensor], adapter_name: s
     return out
 
 
+def adapted_module_names(keys) -> list[str]:
+    """The modules a state dict's adapter keys belong to (``x.lora_A.weight`` -> ``x``), in order; keys of
+    other tensors (modules_to_save copies, biases, prompts) are left out. A ``base_model.model.`` prefix is
+    dropped."""
+    suffixes = sorted({f".{s}" for kind in HF_SUFFIXES.values() for s in kind.values()}, key=len, reverse=True)
+    names: dict[str, None] = {}
+    for key in keys:
+        key = key[len(ROOT):] if key.startswith(ROOT) else key
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if suffix is not None:
+            names[key[: -len(suffix)]] = None
+    return list(names)
+
+
 def rename_keys(weights: dict[str, Tensor], key_mapping: Optional[dict[str, str]]) -> dict[str, Tensor]:
     """peft's ``key_mapping``: regular-expression ``pattern -> replacement`` pairs applied to each file key
     without its ``base_model.model.`` prefix (the first pattern that matches renames it), e.g.
@@ -376,6 +390,6 @@ def warn_missing(missing: list[str], adapter_name: str) -> None:
 
 
 __all__ = [
-    "CheckpointError", "LoadResult", "adapter_tensors", "state_dict_for_save", "load_into", "save_adapter_folder",
+    "CheckpointError", "LoadResult", "adapted_module_names", "adapter_tensors", "state_dict_for_save", "load_into", "save_adapter_folder",
     "read_adapter_weights", "rename_keys", "resolve_adapter_dir", "atomic_write_bytes", "iter_modules",
 ]

@@ -40,12 +40,20 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
 
 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
-                            low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> nn.Module:
+                            low_cpu_mem_usage: bool = False, state_dict: Optional[dict[str, Tensor]] = None,
+                            autocast_adapter_dtype: bool = True) -> nn.Module:
     """Inject adapter layers into ``model`` in place, without a PeftModel wrapper; returns ``model``.
 
     The base is frozen and the new adapter (and its modules_to_save) is active and trainable.
-    ``low_cpu_mem_usage``: as in :func:`get_peft_model`.
+    ``low_cpu_mem_usage``: as in :func:`get_peft_model`. ``state_dict``: an adapter state dict (peft's keys)
+    whose modules are adapted instead of ``target_modules`` (only its keys are used, not its values), for
+    checkpoints saved without their config's targets.
     """
+    if state_dict is not None:
+        names = ckpt.adapted_module_names(state_dict)
+        if not names:
+            raise ValueError(f"state_dict has no adapter keys (e.g. 'x.lora_A.weight'); its keys start {list(state_dict)[:3]}")
+        peft_config = peft_config.replace(target_modules=names)
     injection.inject(model, peft_config, adapter_name, get_method(peft_config.peft_type),
                      autocast_adapter_dtype, low_cpu_mem_usage)
     injection.add_modules_to_save(model, peft_config.modules_to_save, adapter_name)
