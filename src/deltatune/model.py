@@ -359,7 +359,7 @@ class PeftModel(nn.Module):
                                     base_model_name_or_path=config.base_model_name_or_path or base_name)
             folder, init = save_directory, initial
             if name != "default":  # other adapters go into sub-folders named after them, as peft writes them
-                folder, init = os.path.join(folder, name), init and os.path.join(init, name)
+                folder, init = os.path.join(folder, name), None if init is None else os.path.join(init, name)
             ckpt.save_adapter(self, name, config, folder, init)
 
     @classmethod
