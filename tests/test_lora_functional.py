@@ -143,6 +143,24 @@ def test_dropped_positions_are_bernoulli(p):
     assert abs((a * b).mean().item() / seen.var().item()) < 0.02
 
 
+def test_dropped_positions_keep_drawing_when_the_first_draws_fall_short(monkeypatch):
+    draws = []
+    real = LF._geometric
+
+    def short_first(count, p, device):  # the first batch: gaps of 1 (every element dropped), far too short
+        draws.append(count)
+        return torch.ones(count, dtype=torch.int64) if len(draws) == 1 else real(count, p, device)
+
+    monkeypatch.setattr(LF, "_geometric", short_first)
+    torch.manual_seed(0)
+    n = 20_000
+    positions = LF.sample_dropped(n, 0.05, "cpu")
+    first = draws[0]
+    assert len(draws) >= 2 and positions[-1] < n and positions.diff().min() >= 1
+    assert torch.equal(positions[:first], torch.arange(first))  # the short batch, then the rest of the range
+    assert positions[first:].numel() > 0.5 * 0.05 * (n - first)
+
+
 def test_dropout_is_unbiased_and_seeded():
     x = torch.ones(100_000)
     A, B = torch.ones(1, 1), torch.ones(1, 1)

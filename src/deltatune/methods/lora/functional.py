@@ -39,9 +39,11 @@ def sample_dropped(n: int, p: float, device) -> Tensor:
     gaps = _geometric(count, p, device)
     gaps[0] -= 1
     positions = gaps.cumsum_(0)
-    while positions[-1] < n - 1:  # not enough gaps drawn (probability ~1e-9): keep drawing
+    kept = int(torch.searchsorted(positions, n))  # sorted: a binary search, not a mask
+    while kept == positions.numel() and positions[-1] < n - 1:  # too few gaps drawn (probability ~1e-9)
         positions = torch.cat([positions, _geometric(count, p, device).cumsum_(0).add_(positions[-1])])
-    return positions[: int(torch.searchsorted(positions, n))]  # sorted: a binary search, not a mask
+        kept = int(torch.searchsorted(positions, n))
+    return positions[:kept]
 
 
 def _geometric(count: int, p: float, device) -> Tensor:
