@@ -64,6 +64,8 @@ def assign_parameters(model: nn.Module, values: Sequence[tuple[nn.Parameter, Ten
     layer of the adapter layer that holds it (the value's own device when there is none, or when that
     base is on ``meta`` too).
     """
+    if not values:  # the usual load: nothing was created on meta, no need to walk the model
+        return
     devices = {}
     for _, layer in adapter_layers(model):
         real = next((p.device for p in layer.base_layer.parameters() if not p.is_meta), None)
