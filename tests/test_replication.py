@@ -114,3 +114,36 @@ def test_residual_inits_are_refused_when_positions_share_weights(init):
     model = dt.get_peft_model(llama4(), config)
     with torch.no_grad():
         torch.testing.assert_close(main_output(model(**inputs)), want, rtol=0, atol=1e-4)
+
+
+def test_adapters_share_one_replication_and_nothing_is_stashed(tmp_path):
+    """A second adapter with the same map finds the stack built (it shows in the shared weights); a
+    different map is refused; the user's model gets no attribute of deltatune's."""
+    base = llama4()
+    attrs = set(vars(base))
+    model = dt.get_peft_model(base, dt.LoraConfig(**KW))
+    layers = base.model.layers
+    model.add_adapter("second", dt.LoraConfig(**KW, init_lora_weights=False))
+    assert base.model.layers is layers and len(layers) == 6 and base.config.num_hidden_layers == 6
+    assert [l.self_attn.layer_idx for l in layers] == list(range(6))
+    assert all(set(l.self_attn.q_proj.adapters) == {"default", "second"} for l in layers)
+    assert set(vars(base)) == attrs
+    with pytest.raises(ValueError, match="another layer_replication map"):
+        model.add_adapter("third", dt.LoraConfig(**{**KW, "layer_replication": [[0, 4], [2, 4]]}))
+    assert base.model.layers is layers and list(model.peft_config) == ["default", "second"]
+
+    inputs = text_inputs()
+    model.set_adapter("second")
+    with torch.no_grad():
+        want = main_output(model(**inputs))
+    model.save_pretrained(str(tmp_path))
+    loaded = dt.PeftModel.from_pretrained(llama4(), str(tmp_path))
+    loaded.load_adapter(str(tmp_path / "second"), "second")
+    loaded.set_adapter("second")
+    assert len(loaded.base_model.model.model.layers) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(loaded(**inputs)), want, rtol=0, atol=1e-5)
+
+    unloaded = model.unload()  # the stack stays replicated (as in peft); the same map again keeps it
+    again = dt.inject_adapter_in_model(dt.LoraConfig(**KW), unloaded)
+    assert again.model.layers is layers and len(layers) == 6 and set(vars(base)) == attrs

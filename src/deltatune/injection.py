@@ -1,20 +1,21 @@
 """Generic wrapping and unwrapping of child modules, and freezing. No method-specific logic here.
 
-Injection is all-or-nothing: every target is resolved and every wrapper and adapter is built before the
-first module of the model is replaced, so an error (unsupported layer type, no match) leaves the
-model exactly as it was.
+Injection is all-or-nothing: :func:`inject` takes an :class:`Undo` of the model before changing it, puts
+the model back with it if anything fails, and hands it to the caller, whose later steps (modules_to_save,
+activating, loading a checkpoint) use it the same way.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from torch import Tensor, nn
 
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import Method, adapter_layer_types
-from .replication import replicate_layers
+from .replication import StackState, replicate_layers
 from .targeting import TargetError, is_target, matches, no_match_message
 
 
@@ -114,27 +115,40 @@ def find_targets(model: nn.Module, config, method: Method) -> list[str]:
     return names
 
 
-def inject(model: nn.Module, config, adapter_name: str, method: Method,
-           autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> list[str]:
-    """Add adapter ``adapter_name`` to every module ``config`` targets; return their names.
+@dataclass
+class Injection:
+    """What :func:`inject` did.
 
-    A ``layer_replication`` map rebuilds the layer stack first (undone again if injection fails).
-    ``low_cpu_mem_usage``: the adapter tensors are created on the ``meta`` device (no memory, no
-    initialisation); loading a checkpoint then puts them on their layer's device.
+    Attributes:
+        names: The adapted modules' names.
+        undo: Puts the model back as it was before the call (see :class:`Undo`); it also covers what the
+            caller changes afterwards (modules_to_save, trainability, a load), for as long as it holds on.
     """
-    undo = None
-    if getattr(config, "layer_replication", None) and not getattr(model, "_deltatune_replicated", False):
-        undo = replicate_layers(model, config.layer_replication)
+
+    names: list[str]
+    undo: Undo
+
+
+def inject(model: nn.Module, config, adapter_name: str, method: Method,
+           autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> Injection:
+    """Add adapter ``adapter_name`` to every module ``config`` targets.
+
+    A ``layer_replication`` map rebuilds the layer stack first. If anything fails the model is put back
+    as it was and the error is raised; otherwise the returned :class:`Injection` holds the names and an
+    undo for the caller's own later failures. ``low_cpu_mem_usage``: the adapter tensors are created on
+    the ``meta`` device (no memory, no initialisation); loading a checkpoint then puts them on their
+    layer's device.
+    """
+    undo = Undo(model)
     try:
+        if getattr(config, "layer_replication", None):
+            replicate_layers(model, config.layer_replication)
         names = _inject(model, config, adapter_name, method, autocast_adapter_dtype,
                         "meta" if low_cpu_mem_usage else None)
     except Exception:
-        if undo is not None:
-            undo()
+        undo()
         raise
-    if undo is not None:
-        model._deltatune_replicated = True
-    return names
+    return Injection(names, undo)
 
 
 def _inject(model, config, adapter_name, method, autocast_adapter_dtype, device) -> list[str]:
@@ -152,22 +166,64 @@ def _inject(model, config, adapter_name, method, autocast_adapter_dtype, device)
     for name, layer in layers.items():
         if adapter_name in layer.adapters:
             raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
-    done = []
-    try:
-        for name, layer in layers.items():
-            try:
-                method.add_adapter(layer, name, adapter_name, config, autocast_adapter_dtype, device=device)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"cannot adapt module {name!r}: {exc}") from None
-            done.append(layer)
-    except Exception:
-        for layer in done:  # undo, not delete: an initialisation may have changed the base weight
-            getattr(layer, "undo_adapter", layer.delete_adapter)(adapter_name)
-        raise
+    for name, layer in layers.items():
+        try:
+            method.add_adapter(layer, name, adapter_name, config, autocast_adapter_dtype, device=device)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"cannot adapt module {name!r}: {exc}") from None
     for name, layer in layers.items():
         if layer is not model.get_submodule(name):
             set_submodule(model, name, layer)
     return names
+
+
+class Undo:
+    """Puts a model back as it was when this object was made; call it when an injection, or what an entry
+    point does after one (modules_to_save, activating, loading), has failed.
+
+    It records what those steps change: every module's tables of children and parameters (adapter layers
+    and modules_to_save wrappers put in, a replicated layer stack, adapters and saved copies added to
+    existing layers and wrappers, a quantized base weight replaced), each parameter's ``requires_grad``,
+    the active adapters of the existing layers and wrappers, and :class:`StackState` (``layer_idx`` and the
+    config's layer count). A base weight rewritten in place by an initialisation (PiSSA, OLoRA) is given
+    back by the new adapter's ``undo_adapter``. Nothing is kept on the model itself.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._model = model
+        modules = list(model.modules())
+        self._tables = [(m, dict(m._modules), dict(m._parameters)) for m in modules]
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        layer_types = adapter_layer_types()
+        self._adapters = {id(m): (m, set(m.adapters)) for m in modules if isinstance(m, layer_types)}
+        self._active = [(m, _active_names(m)) for m in modules if isinstance(m, layer_types + (ModulesToSaveWrapper,))]
+        self._stack = StackState.capture(model)
+
+    def __call__(self) -> None:
+        # Adapters made since: undone first, while their layers are still in place (undo_adapter gives a
+        # base weight back what a residual initialisation took from it).
+        for layer in [m for m in self._model.modules() if isinstance(m, adapter_layer_types())]:
+            _, before = self._adapters.get(id(layer), (layer, set()))
+            for name in [n for n in layer.adapters if n not in before]:
+                getattr(layer, "undo_adapter", layer.delete_adapter)(name)
+        for module, children, params in self._tables:
+            module._modules.clear()
+            module._modules.update(children)
+            module._parameters.clear()
+            module._parameters.update(params)
+        self._stack.restore()
+        for param, flag in self._requires_grad:
+            param.requires_grad_(flag)
+        for module, names in self._active:
+            module.set_active(names)
+
+
+def _active_names(module: nn.Module) -> list[str]:
+    """The adapters ``module`` runs, as ``set_active`` takes them (a wrapper runs one copy or none)."""
+    active = module.active
+    if isinstance(active, list):
+        return list(active)
+    return [] if active is None else [active]
 
 
 def add_modules_to_save(model: nn.Module, entries: Sequence[str] | None, adapter_name: str) -> list[str]:

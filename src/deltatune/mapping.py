@@ -54,10 +54,14 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         if not names:
             raise ValueError(f"state_dict has no adapter keys (e.g. 'x.lora_A.weight'); its keys start {list(state_dict)[:3]}")
         peft_config = peft_config.replace(target_modules=names)
-    injection.inject(model, peft_config, adapter_name, get_method(peft_config.peft_type),
-                     autocast_adapter_dtype, low_cpu_mem_usage)
-    injection.add_modules_to_save(model, peft_config.modules_to_save, adapter_name)
-    activate(model, [adapter_name], {adapter_name: peft_config})
+    injected = injection.inject(model, peft_config, adapter_name, get_method(peft_config.peft_type),
+                                autocast_adapter_dtype, low_cpu_mem_usage)
+    try:
+        injection.add_modules_to_save(model, peft_config.modules_to_save, adapter_name)
+        activate(model, [adapter_name], {adapter_name: peft_config})
+    except Exception:
+        injected.undo()
+        raise
     return model
 
 

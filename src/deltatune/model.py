@@ -167,17 +167,24 @@ class PeftModel(nn.Module):
         if (isinstance(method, PromptMethod)) != bool(self._prompt_names()) and self.peft_config:
             raise ValueError("prompt-learning adapters and layer adapters (LoRA, IA3) cannot share one model")
         if isinstance(method, PromptMethod):
+            undo = injection.Undo(self)  # the encoder goes into this PeftModel, modules_to_save into the model
             config = self._add_prompt(adapter_name, config, method)
         else:
             autocast = self._autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
-            names = injection.inject(model, config, adapter_name, method, autocast, low_cpu_mem_usage)
+            injected = injection.inject(model, config, adapter_name, method, autocast, low_cpu_mem_usage)
+            undo = injected.undo
             if getattr(config, "fan_in_fan_out", None) is False and any(
-                getattr(model.get_submodule(n), "fan_in_fan_out", False) for n in names
+                getattr(model.get_submodule(n), "fan_in_fan_out", False) for n in injected.names
             ):
                 config = config.replace(fan_in_fan_out=True)  # recorded as peft records it for Conv1D
-        injection.add_modules_to_save(model, config.modules_to_save, adapter_name)
-        self.peft_config[adapter_name] = config
-        self._apply_active()
+        try:
+            injection.add_modules_to_save(model, config.modules_to_save, adapter_name)
+            self.peft_config[adapter_name] = config
+            self._apply_active()
+        except Exception:
+            self.peft_config.pop(adapter_name, None)
+            undo()
+            raise
 
     # ------------------------------------------------------------------ prompt learning
     def _prompt_names(self) -> list[str]:
@@ -385,12 +392,13 @@ class PeftModel(nn.Module):
         from .tasks import task_model_class
 
         target_cls = task_model_class(config.task_type) if cls is PeftModel else cls
-        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                low_cpu_mem_usage=low_cpu_mem_usage)
+        undo = injection.Undo(model)  # taken before the adapter goes in: a failed load puts all of it back
         try:
+            peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                    low_cpu_mem_usage=low_cpu_mem_usage)
             peft_model._load_weights(weights, adapter_name)
         except Exception:
-            injection.unwrap(model)
+            undo()
             raise
         return peft_model
 
@@ -407,11 +415,13 @@ class PeftModel(nn.Module):
         directory = ckpt.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
         config = PeftConfig.from_pretrained(directory).replace(inference_mode=not is_trainable)
         weights = ckpt.rename_keys(ckpt.read_adapter_weights(directory), key_mapping)
+        undo = injection.Undo(self)  # this PeftModel and its model as they are before the adapter goes in
         self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
         try:
             self._load_weights(weights, adapter_name)
         except Exception:
-            self.delete_adapter(adapter_name)
+            del self.peft_config[adapter_name]
+            undo()
             raise
 
     def _load_weights(self, weights: dict, adapter_name: str) -> None:
