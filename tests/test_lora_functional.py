@@ -62,22 +62,25 @@ def test_dropout_path_matches_the_plain_formula_with_the_same_mask(shape):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_added_in_place_into_the_base_output():
-    """The nn.Linear path adds the dropped-out delta into the base output in place: same values and
-    gradients (x through the base and the adapter, A, B) as base + the separate delta, same mask."""
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_delta_is_the_plain_product_or_the_compact_dropout(p):
+    """lora_delta (the layers' general route): ``s B A x`` without dropout; with it, the compact-mask
+    delta (same mask for the same seed), whose kept positions equal ``s B A (x / (1 - p))``."""
     torch.manual_seed(0)
-    x = torch.randn(12, 24, requires_grad=True)
-    W = torch.randn(20, 24)
-    A = (torch.randn(4, 24) * 0.3).requires_grad_()
-    B = (torch.randn(20, 4) * 0.3).requires_grad_()
+    x = torch.randn(3, 12, 24)
+    A, B = torch.randn(4, 24) * 0.3, torch.randn(20, 4) * 0.3
     torch.manual_seed(5)
-    want = x @ W.T + LF.linear_delta_dropout(x, A, B, 1.5, 0.3)
-    torch.manual_seed(5)  # the same mask
-    got = LF.linear_dropout_add_(torch.nn.functional.linear(x, W), x, A, B, 1.5, 0.3)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    g = torch.randn_like(got)
-    for a, b in zip(torch.autograd.grad(got, [x, A, B], g), torch.autograd.grad(want, [x, A, B], g)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    got = LF.lora_delta(x, A, B, 1.5, p)
+    if p == 0.0:
+        torch.testing.assert_close(got, 1.5 * (x @ A.T) @ B.T, rtol=1e-6, atol=1e-6)
+        return
+    torch.manual_seed(5)
+    delta, dropped = LF.linear_delta_dropout(x, A, B, 1.5, p, return_positions=True)
+    torch.testing.assert_close(got, delta, rtol=0, atol=0)
+    kept = torch.ones(x.numel())
+    kept[dropped] = 0
+    want = 1.5 * ((x * kept.view_as(x) / (1 - p)) @ A.T) @ B.T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tokens", [12, 22, 30])  # in = 24, out = 20: neither, backward, both folded

@@ -1,4 +1,4 @@
-"""LoRA on ``nn.Conv1d/2d/3d``: the wrapper; bookkeeping and merging come from :class:`LoraLayer`."""
+"""LoRA on ``nn.Conv1d/2d/3d``: shapes and the delta; bookkeeping, merging and variants come from :class:`LoraLayer`."""
 
 from __future__ import annotations
 
@@ -37,12 +37,10 @@ class LoraConv(LoraLayer):
         ad = self.adapters[name]
         return LF.conv_delta_weight(ad.lora_A.float(), ad.lora_B.float(), ad.scaling)
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+    def _delta(self, x: Tensor, ad) -> Tensor:
         b = self.base_layer
-        for ad in self._run:
-            xa = self._cast_input(x, ad.lora_A.dtype)
-            delta = LF.conv_delta(xa, ad.lora_A, ad.lora_B, ad.scaling, self._conv, b.stride, b.padding,
-                                  b.dilation, ad.dropout, self.training)
-            out = self._accumulate(out, delta, ad)
-        return out
+        return LF.conv_delta(self._cast_input(x, ad.lora_A.dtype), ad.lora_A, ad.lora_B, ad.scaling, self._conv,
+                             b.stride, b.padding, b.dilation, ad.dropout, self.training)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return self._apply_run(x, self.base_layer(x, *args, **kwargs), self._run)

@@ -1,4 +1,5 @@
-"""LoRA on ``nn.Embedding``: the wrapper; bookkeeping and merging come from :class:`LoraLayer`."""
+"""LoRA on ``nn.Embedding``: shapes, initialisation and the delta; bookkeeping, merging and variants come
+from :class:`LoraLayer`."""
 
 from __future__ import annotations
 
@@ -33,11 +34,10 @@ class LoraEmbedding(LoraLayer):
         ad = self.adapters[name]
         return LF.embedding_delta_weight(ad.lora_A.float(), ad.lora_B.float(), ad.scaling)
 
-    def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(ids, *args, **kwargs)
+    def _delta(self, ids: Tensor, ad) -> Tensor:
         base = self.base_layer
-        for ad in self._run:
-            delta = LF.embedding_delta(ids, ad.lora_A, ad.lora_B, ad.scaling, base.padding_idx,
-                                       base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-            out = self._accumulate(out, delta, ad)
-        return out
+        return LF.embedding_delta(ids, ad.lora_A, ad.lora_B, ad.scaling, base.padding_idx, base.max_norm,
+                                  base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+    def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
+        return self._apply_run(ids, self.base_layer(ids, *args, **kwargs), self._run)

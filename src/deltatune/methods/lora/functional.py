@@ -80,17 +80,17 @@ def _folds(tokens: int, weight: Tensor, dim: int) -> bool:
 
 
 class _LoraLinear(torch.autograd.Function):
-    """``y = [b + scale * (W x] + s * B A drop(x)[)] + [into]`` for ``x: (..., in)`` as one autograd node.
+    """``y = [b + scale * (W x] + s * B A drop(x)[)]`` for ``x: (..., in)`` as one autograd node.
 
     - ``weight`` given (a plain ``nn.Linear`` base, ``x: (tokens, in)``): the base runs here too. Many
       tokens and no dropout (see :func:`_folds`): one GEMM with the temporary ``W + s B A``; else the
       adapter's result is written first and the base GEMM accumulates into it. In backward both paths'
       input gradients are built in one buffer (no second input-sized gradient, no add), the same way.
-    - ``scale`` (DoRA's ``m / ||W + s B A||``, ``(out,)``, with ``weight`` only) rescales each output row.
-      It goes on ``W`` and ``B`` when there are more tokens than input features (a weight-sized pass
-      instead of an output-sized one); only ``y`` is kept for its gradient, ``sum_t g (y - b) / scale``.
-    - ``into`` given (a 2-D output no autograd node keeps): the delta is added into it in place.
-    - neither: the delta itself, ``(..., out)``.
+      ``scale`` (a per-output-row factor, ``(out,)``, e.g. DoRA's ``m / ||W + s B A||``) rescales each
+      output row. It goes on ``W`` and ``B`` when there are more tokens than input features (a
+      weight-sized pass instead of an output-sized one); only ``y`` is kept for its gradient,
+      ``sum_t g (y - b) / scale``.
+    - ``weight`` None: the delta ``s B A drop(x)`` itself, ``(..., out)``.
 
     Dropout (``p > 0``) keeps no dropped-out copy of ``x``: what is saved is ``x`` itself, the rank-r
     intermediate ``s A drop(x)`` and the dropped positions (~p * n int32); ``drop(x)`` is rebuilt in
@@ -98,7 +98,7 @@ class _LoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, into, A, B, scale, scaling: float, p: float):
+    def forward(ctx, x, weight, bias, A, B, scale, scaling: float, p: float):
         x2 = x.reshape(-1, x.shape[-1])
         keep_scale = 1.0 / (1.0 - p)
         ctx.scaling, ctx.keep_scale = scaling, keep_scale
@@ -110,10 +110,7 @@ class _LoraLinear(torch.autograd.Function):
         else:
             hidden = F.linear(x2, A).mul_(scaling)  # (tokens, r)
             compact = None
-        if into is not None:
-            out = into.addmm_(hidden, B.t())
-            ctx.mark_dirty(into)
-        elif weight is None:
+        if weight is None:
             out = F.linear(hidden, B, bias)
             if x.dim() != 2:
                 out = out.view(*x.shape[:-1], out.shape[-1])
@@ -142,10 +139,10 @@ class _LoraLinear(torch.autograd.Function):
         # d loss / d(A x) (tokens, r); with dropout d loss / d(A mask x), so the keep scale is on it
         grad_hidden = torch.mm(g, Bs).mul_(ctx.scaling if positions is None else ctx.scaling * ctx.keep_scale)
         grad_x = grad_w = grad_b = grad_A = grad_B = grad_scale = None
-        if need[5]:
+        if need[4]:
             grad_B = scaled_rows(g.t() @ hidden, scale)  # hidden already carries s
         spare = None  # an input-sized buffer the input gradient may reuse
-        if need[4]:
+        if need[3]:
             if positions is None:
                 grad_A = grad_hidden.t() @ x2
             else:
@@ -170,11 +167,10 @@ class _LoraLinear(torch.autograd.Function):
             grad_w = scaled_rows(g.t() @ x2, scale)
         if need[2]:
             grad_b = g.sum(0)
-        if need[6]:  # dy/dscale = W x + s B A drop(x) = (y - b) / scale, a column-wise dot with g
+        if need[5]:  # dy/dscale = W x + s B A drop(x) = (y - b) / scale, a column-wise dot with g
             g_sum = None if bias is None else g.sum(0)
             grad_scale = _scale_grad(torch.linalg.vecdot(g, y, dim=0), bias, g_sum, scale)
-        grad_into = grad_out if need[3] else None  # out = into + delta
-        return grad_x, grad_w, grad_b, grad_into, grad_A, grad_B, grad_scale, None, None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, grad_scale, None, None
 
 
 def _scale_grad(gy: Tensor, bias: Tensor | None, g_sum: Tensor | None, scale: Tensor) -> Tensor:
@@ -197,7 +193,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     """``b + scale * (x W^T + s * B A drop(x))`` for ``x: (tokens, in)`` in one autograd node (see
     :class:`_LoraLinear`); ``p`` is the training-mode dropout probability (0 for none), ``scale`` DoRA's
     ``m / ||W + s B A||`` per output row (None for plain LoRA)."""
-    out = _LoraLinear.apply(x, weight, bias, None, A, B, scale, scaling, p)
+    out = _LoraLinear.apply(x, weight, bias, A, B, scale, scaling, p)
     return out[0] if p > 0.0 else out
 
 
@@ -208,14 +204,16 @@ def linear_delta_dropout(x: Tensor, A: Tensor, B: Tensor, scaling: float, p: flo
     Each element of ``x`` is kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``, exactly as
     ``F.dropout``; ``return_positions`` also returns the flat indices that were dropped (for tests).
     """
-    out, positions = _LoraLinear.apply(x, None, None, None, A, B, None, scaling, p)
+    out, positions = _LoraLinear.apply(x, None, None, A, B, None, scaling, p)
     return (out, positions) if return_positions else out
 
 
-def linear_dropout_add_(out: Tensor, x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float) -> Tensor:
-    """``out += s * B A drop(x)`` in place, as :func:`linear_delta_dropout`; ``out: (tokens, out)`` must be
-    a fresh tensor that no autograd node keeps (a plain ``nn.Linear``'s output), ``x: (tokens, in)``."""
-    return _LoraLinear.apply(x, None, None, out, A, B, None, scaling, p)[0]
+def lora_delta(x: Tensor, A: Tensor, B: Tensor, scaling: float, p: float = 0.0) -> Tensor:
+    """``s * B A drop(x)`` for ``x: (..., in)``: with ``p > 0`` the compact-mask dropout of
+    :func:`linear_delta_dropout`, else the plain product (:func:`linear_delta`)."""
+    if p > 0.0:
+        return linear_delta_dropout(x, A, B, scaling, p)
+    return F.linear(F.linear(x, A) * scaling, B)
 
 
 def linear_delta_weight(A: Tensor, B: Tensor, scaling: float, fan_in_fan_out: bool = False) -> Tensor:
@@ -270,8 +268,7 @@ def dora_row_norm(W: Tensor, A: Tensor, B: Tensor, scaling: float, fan_in_fan_ou
 
 
 class _DoraCombine(torch.autograd.Function):
-    """``y = b + scale * (W x + delta)`` from the base output ``out = W x + b`` and the LoRA ``delta``
-    (``delta=None``: ``out`` already holds ``W x + b + delta`` and is rescaled in place).
+    """``y = b + scale * (W x + delta)`` from the base output ``out = W x + b`` and the LoRA ``delta``.
 
     Autograd of the plain expression keeps two out-sized tensors per layer (``W x`` and ``delta``, for
     the gradient of ``scale``); this keeps only the output ``y`` (which the next op usually keeps
@@ -283,11 +280,7 @@ class _DoraCombine(torch.autograd.Function):
     def forward(ctx, out, delta, scale, bias, ch: int):
         view = [1] * out.dim()
         view[ch] = -1
-        if delta is None:
-            y = out.mul_(scale.view(view))
-            ctx.mark_dirty(out)
-        else:
-            y = (out + delta).mul_(scale.view(view))  # y = scale * (out + delta) + b (1 - scale)
+        y = (out + delta).mul_(scale.view(view))  # y = scale * (out + delta) + b (1 - scale)
         if bias is not None:
             y.add_((bias * (1 - scale)).view(view))
         ctx.save_for_backward(y, scale, bias)
@@ -312,11 +305,8 @@ class _DoraCombine(torch.autograd.Function):
         return grad_in, grad_in if ctx.needs_input_grad[1] else None, grad_scale, grad_bias, None
 
 
-def dora_combine(out: Tensor, delta: Tensor | None, scale: Tensor, bias: Tensor | None, ch: int = -1) -> Tensor:
-    """``b + scale * (out - b + delta)`` for one DoRA adapter; ``out`` is the base output with bias.
-
-    ``delta=None``: ``out`` already includes the LoRA delta and is rescaled in place (it must be a fresh
-    tensor that no autograd node keeps)."""
+def dora_combine(out: Tensor, delta: Tensor, scale: Tensor, bias: Tensor | None, ch: int = -1) -> Tensor:
+    """``b + scale * (out - b + delta)`` for one DoRA adapter; ``out`` is the base output with bias."""
     return _DoraCombine.apply(out, delta, scale, bias, ch % out.dim())
 
 
