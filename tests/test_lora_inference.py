@@ -380,3 +380,66 @@ def test_steps_of_another_model_leave_the_cache_alone():
     assert next(iter(layer.cache.entries.values())) is entry
     served(x).pow(2).sum().backward()  # a gradient into the served model's own adapter does
     assert layer.cache.is_empty()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_training_under_autocast_takes_the_fused_node_in_bfloat16(dora, p):
+    """Under ``torch.autocast`` (bfloat16) a bfloat16 base with float32 adapters trains through the fused
+    node in bfloat16, as the base runs: values and gradients equal the formula evaluated under autocast
+    (bfloat16 products, the same dropout mask), and the adapters' gradients stay float32."""
+    model = _model(use_dora=dora, lora_dropout=p, seed=3)
+    model.base_model.model.to(torch.bfloat16)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    model.train()
+    x = torch.randn(16, 24, dtype=torch.bfloat16)
+    params = [q for q in model.parameters() if q.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(7)
+        got = model(x)
+        layer = model.base_model.model[0]
+        names = set()
+        stack = [got.grad_fn]
+        while stack:  # the first layer's node is the fused one
+            fn = stack.pop()
+            if fn is not None and type(fn).__name__ not in names:
+                names.add(type(fn).__name__)
+                stack.extend(f for f, _ in fn.next_functions)
+        assert "_LoraLinearBackward" in names
+        g = torch.randn_like(got)
+        grads = torch.autograd.grad(got, params, g)
+        # the reference: the same formula with the same mask, autocast casting each product to bfloat16
+        torch.manual_seed(7)
+        want = _reference_dropout(model, x, p)
+        want_grads = torch.autograd.grad(want, params, g)
+    assert got.dtype == torch.bfloat16 and all(q.dtype == torch.float32 for q in grads)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(grads, want_grads):  # normwise: bfloat16 sums over tokens cancel elementwise
+        assert (a - b).norm() <= 2e-2 * b.norm(), ((a - b).norm() / b.norm()).item()
+    assert layer.adapters["default"].lora_A.dtype == torch.float32
+
+
+def _reference_dropout(model, x, p):
+    """:func:`_reference` with the layers' dropout mask drawn as the compact sampler draws it."""
+    from deltatune.methods.lora import functional as LF
+
+    def layer_out(layer, h):
+        W, b = layer.base_layer.weight, layer.base_layer.bias
+        out = h @ W.T + b
+        ad = layer.adapters["default"]
+        h2 = h.reshape(-1, h.shape[-1])
+        if p > 0:
+            dropped = LF.sample_dropped(h2.numel(), p, h.device)
+            keep = torch.ones(h2.numel(), dtype=h.dtype)
+            keep[dropped] = 0
+            h2 = h2 * keep.view_as(h2) / (1 - p)
+        delta = ad.scaling * (h2 @ ad.lora_A.T) @ ad.lora_B.T
+        if ad.lora_magnitude_vector is None:
+            return out + delta
+        dense = W.float() + ad.scaling * ad.lora_B @ ad.lora_A
+        scale = ad.lora_magnitude_vector / dense.norm(dim=1).detach()
+        return b + scale * (out - b + delta)
+    seq = model.base_model.model
+    return layer_out(seq[2], torch.tanh(layer_out(seq[0], x)))
