@@ -4,13 +4,23 @@ A layer keeps ``adapters`` (``nn.ModuleDict`` name -> adapter module), ``active`
 lists) and ``disabled``; ``_run`` is the list of adapter modules its forward applies, recomputed only when
 one of those changes. Layers take these functions as methods (``set_active = adapter_state.set_active``)
 instead of inheriting them, so each method's layer class stays a direct ``nn.Module``.
+
+Merging is bookkeeping too (a merged adapter stops running): :func:`merge_adapters` and
+:func:`unmerge_adapters` are the one merge loop of every method; a method supplies only its per-adapter
+math, ``merged_weight(name, W) -> W'`` and its inverse (and, if it changes the bias, the same for ``b``).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+from .adapter_layer import read_weight, write_weight
+
+#: ``(adapter name, current tensor) -> new tensor``: one adapter's merge (or unmerge) math.
+Update = Callable[[str, Tensor], Tensor]
 
 
 def init(layer: nn.Module, base_layer: nn.Module) -> None:
@@ -48,3 +58,58 @@ def delete_adapter(layer, name: str) -> None:
 def base_weight(layer):
     """The base layer's weight (so code reading ``layer.weight`` keeps working)."""
     return layer.base_layer.weight
+
+
+def merge_adapters(layer, names: Optional[Sequence[str]], safe: bool, merged_weight: Update,
+                   merged_bias: Optional[Update] = None) -> None:
+    """Fold adapters into ``layer.base_layer``, one at a time; the shared body of every ``merge``.
+
+    For each of ``names`` (default: ``layer.active``) that the layer has and has not merged yet:
+    ``W <- merged_weight(name, W)`` and, when ``merged_bias`` is given and the base has a bias,
+    ``b <- merged_bias(name, b)``; then ``name`` is appended to ``layer.merged``. ``W`` comes from
+    :func:`~deltatune.adapter_layer.read_weight` (dequantized float32 for 4/8-bit bases) and goes back
+    through :func:`~deltatune.adapter_layer.write_weight` (quantized again, with a warning).
+
+    Args:
+        layer: An :class:`~deltatune.adapter_layer.AdapterLayer`.
+        names: Adapters to merge, in order; None: the active ones.
+        safe: Check every new tensor for NaN/inf before anything of that adapter is written; raise
+            ValueError (the weights keep their values) if one is found.
+        merged_weight: ``(name, W in stored layout) -> W'`` (any float dtype; cast on write).
+        merged_bias: ``(name, b) -> b'``, for methods that scale the bias ((IA)^3 output scaling).
+    """
+    try:
+        for name in layer.active if names is None else names:
+            if name in layer.merged or name not in layer.adapters:
+                continue
+            _apply(layer, name, merged_weight, merged_bias, safe)
+            layer.merged.append(name)
+    finally:  # an adapter merged before an error stays merged, and stops running
+        refresh(layer)
+
+
+def unmerge_adapters(layer, unmerged_weight: Update, unmerged_bias: Optional[Update] = None) -> None:
+    """Undo every merge of ``layer``, last merged first: ``W <- unmerged_weight(name, W)`` (and the bias
+    likewise). An adapter leaves ``layer.merged`` only once its weights are written back, so an error in
+    its math (say, an (IA)^3 vector with a zero) leaves it merged and the weights consistent with that."""
+    try:
+        while layer.merged:
+            _apply(layer, layer.merged[-1], unmerged_weight, unmerged_bias, safe=False)
+            layer.merged.pop()
+    finally:
+        refresh(layer)
+
+
+def _apply(layer, name: str, weight_fn: Update, bias_fn: Optional[Update], safe: bool) -> None:
+    """Compute adapter ``name``'s new weight (and bias) first, check them if ``safe``, then write both."""
+    base = layer.base_layer
+    bias = getattr(base, "bias", None) if bias_fn is not None else None
+    with torch.no_grad():
+        new_w = weight_fn(name, read_weight(base))
+        new_b = None if bias is None else bias_fn(name, bias)
+        if safe and not all(torch.isfinite(t).all() for t in (new_w, new_b) if t is not None):
+            raise ValueError(f"merging adapter {name!r} into {type(base).__name__} produced NaN/inf values; "
+                             "the weights were left unchanged")
+        write_weight(base, new_w)
+        if new_b is not None and new_b is not bias:  # (a method may leave the bias as it is)
+            bias.copy_(new_b)

@@ -1,4 +1,5 @@
-"""AdaLoRA layers: ``y = base(x) + s / (r0 + 1e-5) * B (A * E) drop(x)`` per active adapter (Linear, Conv1D)."""
+"""AdaLoRA layers: ``y = base(x) + s / (r0 + 1e-5) * B (A * E) drop(x)`` per active adapter (Linear, Conv1D,
+bitsandbytes 4/8-bit linear layers: the adapter runs beside the base, sized by its logical shape)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ... import adapter_state
+from ...adapter_layer import logical_shape
 from ..lora import functional as LF
 from ..lora.layer import adapter_dtype
 
@@ -36,8 +38,8 @@ class SVDLinear(nn.Module):
         super().__init__()
         adapter_state.init(self, base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        out_f, in_f = base_layer.weight.shape
-        self.in_features, self.out_features = (out_f, in_f) if fan_in_fan_out else (in_f, out_f)
+        # (bitsandbytes 4-bit weights are packed: the sizes come from the logical shape, not weight.shape)
+        self.out_features, self.in_features = logical_shape(base_layer, fan_in_fan_out)
 
     weight = property(adapter_state.base_weight)
     set_active = adapter_state.set_active
@@ -88,21 +90,18 @@ class SVDLinear(nn.Module):
         return out
 
     def merge(self, names: Optional[Sequence[str]] = None, safe: bool = False) -> None:
-        weight = self.base_layer.weight
-        for name in self.active if names is None else names:
-            if name in self.merged or name not in self.adapters:
-                continue
-            with torch.no_grad():
-                weight.copy_(LF.add_delta(weight, self.delta_weight(name), safe=safe, name="SVDLinear"))
-            self.merged.append(name)
-        self._refresh()
+        """``W' = W + s / (r0 + 1e-5) * B (A * E)`` per adapter (see
+        :func:`deltatune.adapter_state.merge_adapters`; 4/8-bit bases are quantized again, with a warning)."""
+        adapter_state.merge_adapters(self, names, safe, self._merged_weight)
 
     def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        while self.merged:
-            with torch.no_grad():
-                weight.copy_(LF.add_delta(weight, self.delta_weight(self.merged.pop()), sign=-1.0))
-        self._refresh()
+        adapter_state.unmerge_adapters(self, self._unmerged_weight)
+
+    def _merged_weight(self, name: str, weight: Tensor) -> Tensor:
+        return LF.add_delta(weight, self.delta_weight(name))
+
+    def _unmerged_weight(self, name: str, weight: Tensor) -> Tensor:
+        return LF.add_delta(weight, self.delta_weight(name), sign=-1.0)
 
 
 def wrap_module(module: nn.Module) -> SVDLinear:

@@ -1,4 +1,8 @@
-"""(IA)^3 layers: wrap a frozen ``base_layer`` and rescale its output (or input) per active adapter."""
+"""(IA)^3 layers: wrap a frozen ``base_layer`` and rescale its output (or input) per active adapter.
+
+The base may be a bitsandbytes 4/8-bit linear layer: the forward only calls it, the vector sizes come from
+its logical shape, and merging goes through the dequantized weight (:mod:`deltatune.adapter_layer`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import adapter_state
+from ...adapter_layer import logical_shape
 from ..lora.layer import adapter_dtype
 from . import functional as IF
 
@@ -36,6 +41,8 @@ class IA3Layer(nn.Module):
         adapter_state.init(self, base_layer)
         self.fan_in_fan_out = fan_in_fan_out
         self._conv = isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        # (bitsandbytes 4-bit weights are packed: the sizes come from the logical shape, not weight.shape)
+        self.out_features, self.in_features = logical_shape(base_layer, fan_in_fan_out)[:2]
 
     weight = property(adapter_state.base_weight)
     set_active = adapter_state.set_active
@@ -44,18 +51,12 @@ class IA3Layer(nn.Module):
     _refresh = adapter_state.refresh
 
     # ------------------------------------------------------------------ shapes
-    def _features(self) -> tuple[int, int]:
-        w = self.base_layer.weight
-        if self._conv:
-            return w.shape[1], w.shape[0]
-        out_f, in_f = w.shape
-        return (out_f, in_f) if self.fan_in_fan_out else (in_f, out_f)
-
     def _shape(self, feedforward: bool) -> tuple[int, ...]:
-        in_f, out_f = self._features()
+        """``ia3_l``'s storage shape (see :class:`IA3Adapter`), from the logical weight shape."""
+        size = self.in_features if feedforward else self.out_features
         if self._conv:
-            return (1, in_f if feedforward else out_f) + (1,) * (self.base_layer.weight.dim() - 2)
-        return (1, in_f) if feedforward else (out_f, 1)
+            return (1, size) + (1,) * (self.base_layer.weight.dim() - 2)
+        return (1, size) if feedforward else (size, 1)
 
     # ------------------------------------------------------------------ bookkeeping
     def add_adapter(self, name: str, feedforward: bool, init: bool = True, autocast_adapter_dtype: bool = True,
@@ -100,41 +101,38 @@ class IA3Layer(nn.Module):
 
     def merge(self, names: Optional[Sequence[str]] = None, safe: bool = False) -> None:
         """Fold the vectors into the weight (rows for output scaling, columns for input scaling) and,
-        for output scaling, into the bias."""
-        base = self.base_layer
-        out_dim, in_dim = self._weight_dims()
-        for name in self.active if names is None else names:
-            if name in self.merged or name not in self.adapters:
-                continue
-            ad = self.adapters[name]
-            l = ad.ia3_l.detach().reshape(-1)
-            with torch.no_grad():
-                new_w = IF.scale_weight(base.weight, l, in_dim if ad.feedforward else out_dim)
-                new_b = None
-                if not ad.feedforward and getattr(base, "bias", None) is not None:
-                    new_b = base.bias.float() * l
-                if safe and not (torch.isfinite(new_w).all() and (new_b is None or torch.isfinite(new_b).all())):
-                    raise ValueError(f"merging adapter {name!r} produced NaN/inf values; the weights were left unchanged")
-                base.weight.copy_(new_w.to(base.weight.dtype))
-                if new_b is not None:
-                    base.bias.copy_(new_b.to(base.bias.dtype))
-            self.merged.append(name)
-        self._refresh()
+        for output scaling, into the bias: ``W' = diag(l) W, b' = b * l`` or ``W' = W diag(l)``. On a
+        4/8-bit base the weight is dequantized, scaled and quantized again (with a warning)."""
+        adapter_state.merge_adapters(self, names, safe, self._merged_weight, self._merged_bias)
 
     def unmerge(self) -> None:
-        base = self.base_layer
+        """Undo every merge, last merged first (``W' = diag(1 / l) W`` ...); a vector with a zero entry
+        cannot be undone and raises ValueError, leaving that adapter merged."""
+        adapter_state.unmerge_adapters(self, self._unmerged_weight, self._unmerged_bias)
+
+    def _merged_weight(self, name: str, weight: Tensor, inverse: bool = False) -> Tensor:
+        ad = self.adapters[name]
         out_dim, in_dim = self._weight_dims()
-        while self.merged:
-            ad = self.adapters[self.merged.pop()]
-            l = ad.ia3_l.detach().reshape(-1)
-            if (l == 0).any():
-                raise ValueError("cannot unmerge an (IA)^3 vector that has zero entries (division by zero)")
-            with torch.no_grad():
-                base.weight.copy_(IF.scale_weight(base.weight, l, in_dim if ad.feedforward else out_dim,
-                                                  inverse=True).to(base.weight.dtype))
-                if not ad.feedforward and getattr(base, "bias", None) is not None:
-                    base.bias.copy_((base.bias.float() / l).to(base.bias.dtype))
-        self._refresh()
+        return IF.scale_weight(weight, self._vector(name, inverse), in_dim if ad.feedforward else out_dim, inverse)
+
+    def _unmerged_weight(self, name: str, weight: Tensor) -> Tensor:
+        return self._merged_weight(name, weight, inverse=True)
+
+    def _merged_bias(self, name: str, bias: Tensor, inverse: bool = False) -> Tensor:
+        """Output scaling multiplies the bias too; input scaling leaves it as it is."""
+        if self.adapters[name].feedforward:
+            return bias
+        return IF.scale_weight(bias, self._vector(name, inverse), 0, inverse)
+
+    def _unmerged_bias(self, name: str, bias: Tensor) -> Tensor:
+        return self._merged_bias(name, bias, inverse=True)
+
+    def _vector(self, name: str, inverse: bool) -> Tensor:
+        """Adapter ``name``'s ``l`` as a flat ``(n,)`` tensor; dividing by it needs every entry nonzero."""
+        l = self.adapters[name].ia3_l.detach().reshape(-1)
+        if inverse and (l == 0).any():
+            raise ValueError("cannot unmerge an (IA)^3 vector that has zero entries (division by zero)")
+        return l
 
 
 def _along(v: Tensor, like: Tensor, dim: int) -> Tensor:
