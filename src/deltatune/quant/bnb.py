@@ -2,8 +2,10 @@
 
 Adapter layers wrap these modules like any other base: they call ``base_layer(x)`` and add their own
 float32 path. What needs the quantized weight itself (merging, the DoRA norm) goes through
-:func:`dequantize_weight` and :func:`replace_weight`. Layers are recognised by class name, so this
-module imports bitsandbytes only when such a layer exists.
+:func:`dequantize_weight` and :func:`replace_weight`, which adapter layers reach through
+:mod:`deltatune.adapter_layer` (``logical_shape``, ``read_weight``, ``write_weight``): one entry point
+for quantized and plain bases alike. Layers are recognised by class name, so this module imports
+bitsandbytes only when such a layer exists.
 """
 
 from __future__ import annotations

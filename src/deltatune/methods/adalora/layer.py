@@ -32,6 +32,9 @@ class SVDAdapter(nn.Module):
 
 
 class SVDLinear(nn.Module):
+    """AdaLoRA on ``nn.Linear``, GPT-2 ``Conv1D`` (``fan_in_fan_out``) or a bitsandbytes 4/8-bit linear layer:
+    ``y = base(x) + s / (r0 + 1e-5) * B (A * E) drop(x)``, ``x: (..., in)`` -> ``y: (..., out)``."""
+
     checkpoint_kind = "adalora"
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):

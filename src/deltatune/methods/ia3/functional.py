@@ -10,7 +10,8 @@ from __future__ import annotations
 from torch import Tensor
 
 
-def _along(v: Tensor, like: Tensor, dim: int) -> Tensor:
+def along(v: Tensor, like: Tensor, dim: int) -> Tensor:
+    """``v`` (``(n,)``) reshaped to broadcast along dimension ``dim`` of ``like`` (size 1 elsewhere)."""
     shape = [1] * like.dim()
     shape[dim] = -1
     return v.reshape(shape)
@@ -18,6 +19,6 @@ def _along(v: Tensor, like: Tensor, dim: int) -> Tensor:
 
 def scale_weight(W: Tensor, l: Tensor, dim: int, inverse: bool = False) -> Tensor:
     """``W`` with dimension ``dim`` multiplied (or divided, to unmerge) by ``l``, in float32 or wider."""
-    factor = _along(l.float(), W, dim)
+    factor = along(l.float(), W, dim)
     W32 = W.float() if W.dtype != factor.dtype else W
     return W32 / factor if inverse else W32 * factor

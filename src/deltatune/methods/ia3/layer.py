@@ -32,7 +32,8 @@ class IA3Adapter(nn.Module):
 
 class IA3Layer(nn.Module):
     """``y = base(x) * l`` (output scaling) or ``y = base(x * l)`` (feed-forward modules); several active
-    adapters multiply. Works on ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Conv1d/2d/3d``."""
+    adapters multiply. Works on ``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv1d/2d/3d`` and bitsandbytes
+    ``Linear4bit`` / ``Linear8bitLt``."""
 
     checkpoint_kind = "ia3"
 
@@ -88,10 +89,10 @@ class IA3Layer(nn.Module):
             else:
                 scale_out = l if scale_out is None else scale_out * l
         if scale_in is not None:
-            x = x * _along(scale_in, x, ch).to(x.dtype)
+            x = x * IF.along(scale_in, x, ch).to(x.dtype)
         out = self.base_layer(x, *args, **kwargs)
         if scale_out is not None:
-            out = out * _along(scale_out, out, ch).to(out.dtype)
+            out = out * IF.along(scale_out, out, ch).to(out.dtype)
         return out
 
     # ------------------------------------------------------------------ merging
@@ -133,12 +134,6 @@ class IA3Layer(nn.Module):
         if inverse and (l == 0).any():
             raise ValueError("cannot unmerge an (IA)^3 vector that has zero entries (division by zero)")
         return l
-
-
-def _along(v: Tensor, like: Tensor, dim: int) -> Tensor:
-    shape = [1] * like.dim()
-    shape[dim] = -1
-    return v.reshape(shape)
 
 
 def wrap_module(module: nn.Module) -> IA3Layer:
