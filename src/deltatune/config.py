@@ -1,9 +1,10 @@
-"""Adapter configuration: the base dataclass, the task/method enums and JSON (de)serialisation.
+"""Adapter configuration: the base dataclass, the task enum and JSON (de)serialisation.
 
 Configs are written as ``adapter_config.json`` in exactly the layout HuggingFace PEFT uses, so a
-folder saved by either library loads in the other. A config object is never mutated by the library:
-where deltatune needs a resolved variant (e.g. ``modules_to_save`` extended for a classification head),
-it works on a ``dataclasses.replace`` copy.
+folder saved by either library loads in the other. ``PeftType`` (the method names) is the registry's and
+is re-exported here; ``PeftConfig.from_dict`` asks the registry which config class a ``peft_type`` has.
+A config object is never mutated by the library: where deltatune needs a resolved variant (e.g.
+``modules_to_save`` extended for a classification head), it works on a ``dataclasses.replace`` copy.
 """
 
 from __future__ import annotations
@@ -16,18 +17,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
+from .fileio import atomic_write_bytes
+from .registry import PeftType, get_method
+
 CONFIG_NAME = "adapter_config.json"
-
-
-class PeftType(str, enum.Enum):
-    """Adapter methods, spelled as in ``adapter_config.json``'s ``peft_type`` field."""
-
-    LORA = "LORA"
-    ADALORA = "ADALORA"
-    IA3 = "IA3"
-    PROMPT_TUNING = "PROMPT_TUNING"
-    P_TUNING = "P_TUNING"
-    PREFIX_TUNING = "PREFIX_TUNING"
 
 
 class TaskType(str, enum.Enum):
@@ -101,8 +94,6 @@ class PeftConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` into ``save_directory`` atomically."""
-        from .checkpoint import atomic_write_bytes
-
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json_string().encode())
 
@@ -119,8 +110,6 @@ class PeftConfig:
         if peft_type is not None and cls is not PeftConfig and peft_type != cls.peft_type.value:
             raise ConfigError(f"config has peft_type={peft_type!r}, expected {cls.peft_type.value!r}")
         if cls is PeftConfig:
-            from .registry import get_method
-
             if peft_type is None:
                 raise ConfigError("adapter config has no 'peft_type' field")
             return get_method(peft_type).config_cls.from_dict({**data, "peft_type": peft_type})

@@ -8,8 +8,9 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt
 from . import injection
+from .adapter_tensors import activate
 from .config import PeftConfig
-from .model import PeftModel, activate
+from .model import PeftModel
 from .tasks import task_model_class
 from .registry import get_method
 

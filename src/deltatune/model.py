@@ -1,11 +1,5 @@
-"""``PeftModel`` and the task wrappers: thin front ends over injection, checkpoint and the methods.
-
-Structure (it fixes the checkpoint key prefix ``base_model.model.``)::
-
-    PeftModel
-      base_model: AdapterHost
-        model: the user's model, with adapter layers injected in place
-"""
+"""``PeftModel``: a thin front end over injection, checkpoint and the registered methods (the task
+wrappers that subclass it are in ``tasks.py``; the module layout under it is in ``host.py``)."""
 
 from __future__ import annotations
 
@@ -17,54 +11,13 @@ from typing import Iterable, Optional, Sequence, Union
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import injection
+from . import injection, merging
+from .adapter_tensors import activate
 from .config import PeftConfig, TaskType
+from .host import AdapterHost, uses_checkpointing
+from .prompt_adapters import build_prompt_encoder
 from .quant.bnb import param_numel
-from .methods.prompt_tuning.encoder import build_prompt_encoder, prompt_inputs
-from .registry import PromptMethod, get_method
-
-
-class AdapterHost(nn.Module):
-    """Holds the adapted model as ``.model`` (peft's ``LoraModel`` position); attributes fall through."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
-
-
-def _uses_checkpointing(model: nn.Module) -> bool:
-    # transformers 5 renamed the flag; read whichever exists without tripping deprecation warnings.
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if attr in dir(type(model)):
-            return bool(getattr(model, attr))
-    return False
-
-
-def activate(model: nn.Module, names: Sequence[str], configs: dict[str, PeftConfig]) -> None:
-    """Run adapters ``names`` in every layer and saved-module wrapper of ``model``; freeze everything
-    else, and make the named adapters' tensors (per their ``bias`` setting) trainable unless their config
-    is in inference mode."""
-    for _, module in list(injection.adapter_layers(model)) + list(injection.saved_module_wrappers(model)):
-        module.set_active(names)
-    injection.freeze(model)
-    for name in names:
-        config = configs[name]
-        if config.inference_mode:
-            continue
-        for tensor in ckpt.adapter_tensors(model, name, getattr(config, "bias", "none")).values():
-            if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
-                tensor.requires_grad_(True)
+from .registry import PromptMethod, get_method, registered_methods, task_model
 
 
 def _check_adapter_name(name: str) -> None:
@@ -95,7 +48,7 @@ class PeftModel(nn.Module):
         self._autocast_adapter_dtype = autocast_adapter_dtype
         self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage)
         self.set_adapter(adapter_name)
-        if _uses_checkpointing(model):
+        if uses_checkpointing(model):
             self._inputs_require_grad()
 
     # ------------------------------------------------------------------ attribute fall-through
@@ -108,8 +61,8 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args, **kwargs):
-        encoder = self._active_prompt()
-        if encoder is None:
+        prompt = self._active_prompt()
+        if prompt is None:
             outputs = self.base_model.model(*args, **kwargs)
             for name in self._active:
                 hook = getattr(get_method(self.peft_config[name].peft_type), "adjust_output", None)
@@ -118,8 +71,10 @@ class PeftModel(nn.Module):
             return outputs
         if args:  # the first positional argument of transformers models is input_ids
             kwargs["input_ids"] = args[0]
-        causal = self.peft_config[self._active[0]].task_type == TaskType.CAUSAL_LM
-        return self.base_model.model(**prompt_inputs(encoder, self.base_model.model, causal, **kwargs))
+        config = self.peft_config[prompt]
+        inputs = get_method(config.peft_type).model_inputs(self.prompt_encoder[prompt], self.base_model.model,
+                                                           config.task_type == TaskType.CAUSAL_LM, **kwargs)
+        return self.base_model.model(**inputs)
 
     def get_base_model(self) -> nn.Module:
         """The underlying model (adapter layers included)."""
@@ -165,7 +120,7 @@ class PeftModel(nn.Module):
         config = self._resolve_config(peft_config)
         model = self.base_model.model
         if (isinstance(method, PromptMethod)) != bool(self._prompt_names()) and self.peft_config:
-            raise ValueError("prompt-learning adapters and layer adapters (LoRA, IA3) cannot share one model")
+            raise ValueError("prompt-learning adapters and adapters that wrap layers cannot share one model")
         if isinstance(method, PromptMethod):
             undo = injection.Undo(self)  # the encoder goes into this PeftModel, modules_to_save into the model
             config = self._add_prompt(adapter_name, config, method)
@@ -191,17 +146,18 @@ class PeftModel(nn.Module):
         return list(self._modules["prompt_encoder"]) if "prompt_encoder" in self._modules else []
 
     def _add_prompt(self, name: str, config: PeftConfig, method) -> PeftConfig:
-        config, encoder = build_prompt_encoder(method, config, self.base_model.model)
+        built = build_prompt_encoder(method, config, self.base_model.model)
         if "prompt_encoder" not in self._modules:
             self.prompt_encoder = nn.ModuleDict()
-        self.prompt_encoder[name] = encoder
-        return config
+        self.prompt_encoder[name] = built.encoder
+        return built.config
 
-    def _active_prompt(self):
+    def _active_prompt(self) -> Optional[str]:
+        """The name of the active prompt-learning adapter (None if none is active, or adapters are disabled)."""
         names = self._prompt_names()
         if not names or self._prompt_off:
             return None
-        return next((self.prompt_encoder[n] for n in self._active if n in names), None)
+        return next((n for n in self._active if n in names), None)
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
         """Activate one adapter, or several (their deltas are summed); they become trainable."""
@@ -218,7 +174,7 @@ class PeftModel(nn.Module):
     def _unmerge_first(self, caller: str) -> None:
         """Unmerge merged adapters (with a warning), as peft does before switching or disabling adapters:
         a merged delta would otherwise keep applying beside the adapters set now, or under disable_adapter."""
-        if any(layer.merged for _, layer in injection.adapter_layers(self.base_model.model)):
+        if merging.has_merged(self.base_model.model):
             warnings.warn(f"{caller}: the model has merged adapters; unmerging them first (they stay unmerged)",
                           UserWarning, stacklevel=3)
             self.unmerge_adapter()
@@ -262,10 +218,14 @@ class PeftModel(nn.Module):
                 m.set_disabled(False)
 
     def update_and_allocate(self, global_step: int) -> None:
-        """AdaLoRA: after each optimizer step, update importance scores and reallocate ranks."""
-        from .methods.adalora import update_and_allocate
-
-        update_and_allocate(self, global_step)
+        """After each optimizer step, run the step of the first active adapter whose method has one
+        (AdaLoRA: update importance scores and reallocate ranks)."""
+        for name in self._active:
+            step = getattr(get_method(self.peft_config[name].peft_type), "update_and_allocate", None)
+            if step is not None:
+                return step(self, global_step)
+        having = [m.peft_type.value for m in registered_methods() if getattr(m, "update_and_allocate", None)]
+        raise ValueError(f"update_and_allocate needs an active adapter of a method that has this step: {having}")
 
     # ------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
@@ -282,25 +242,11 @@ class PeftModel(nn.Module):
             raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
         if set(names) & set(self._prompt_names()):
             raise ValueError("prompt-learning adapters add virtual tokens; they have no weights to merge")
-        layers = [layer for _, layer in injection.adapter_layers(self.base_model.model)
-                  if any(n in layer.adapters and n not in layer.merged for n in names)]
-        injection.own_base_weights(self.base_model.model, layers)
-        done = []
-        try:
-            for layer in layers:
-                before = len(layer.merged)
-                layer.merge(names, safe=safe_merge)
-                if len(layer.merged) > before:
-                    done.append(layer)
-        except Exception:
-            for layer in done:
-                layer.unmerge()
-            raise
+        merging.merge_adapters(self.base_model.model, names, safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter again, restoring the base weights."""
-        for _, layer in injection.adapter_layers(self.base_model.model):
-            layer.unmerge()
+        merging.unmerge_all(self.base_model.model)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
@@ -389,9 +335,7 @@ class PeftModel(nn.Module):
         config = config or PeftConfig.from_pretrained(directory)
         config = config.replace(inference_mode=not is_trainable)
         weights = ckpt.rename_keys(ckpt.read_adapter_weights(directory), key_mapping)
-        from .tasks import task_model_class
-
-        target_cls = task_model_class(config.task_type) if cls is PeftModel else cls
+        target_cls = (task_model(config.task_type) or PeftModel) if cls is PeftModel else cls
         undo = injection.Undo(model)  # taken before the adapter goes in: a failed load puts all of it back
         try:
             peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,

@@ -1,16 +1,33 @@
-"""Adapter methods by name: each method registers its config class and layer hooks once.
+"""Adapter methods by name: each method registers what the core needs to know about it, once.
 
-The core (injection, checkpoint, model) asks the registry; it never names a method itself.
+The core (config, injection, checkpoint, model, tasks, the command line) asks the registry; it never
+names a method itself. Each method's package registers itself when it is imported, and
+``deltatune/__init__.py`` imports every method package, so the registry is full once ``import deltatune``
+has finished. The task wrappers (``PeftModelForCausalLM``, ...) register here too, so that ``model.py``
+can pick one without importing ``tasks.py`` (which subclasses its ``PeftModel``).
+
+This module imports only leaf modules (the layer protocol's check), so everything else may import it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Union
 
 from torch import nn
 
-from .config import PeftType
+
+class PeftType(str, enum.Enum):
+    """Adapter methods, spelled as in ``adapter_config.json``'s ``peft_type`` field (also importable as
+    ``deltatune.PeftType`` and ``deltatune.config.PeftType``)."""
+
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,12 @@ class Method:
             empty tensors, for loading by assignment).
         is_linear: Which modules ``"all-linear"`` selects.
         adjust_output: See the field's comment.
+        checkpoint_keys: ``{checkpoint_kind: {role: HF key suffix}}``: for each ``checkpoint_kind`` its
+            layers declare, the suffix peft writes after the module path for each tensor role of
+            ``layer.adapter_params()``, e.g. ``{"lora": {"lora_A": "lora_A.weight", ...}}``.
+        rank_role: The role whose tensors have the adapter's rank as dimension 0 (for reports such as
+            ``deltatune inspect``); None if the method has no rank.
+        update_and_allocate: See the field's comment.
     """
 
     peft_type: PeftType
@@ -38,6 +61,11 @@ class Method:
     #: Optional ``(peft_model, outputs, config, adapter_name) -> outputs`` run after each forward
     #: (e.g. AdaLoRA's orthogonality penalty added to the training loss).
     adjust_output: Optional[Callable] = None
+    checkpoint_keys: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    rank_role: Optional[str] = None
+    #: Optional ``(peft_model, global_step) -> None`` behind ``PeftModel.update_and_allocate``, called
+    #: after each optimizer step (e.g. AdaLoRA's importance scores and rank budget).
+    update_and_allocate: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -46,27 +74,41 @@ class PromptMethod:
     PeftModel as ``prompt_encoder[name]``) supplies virtual tokens to the forward call.
 
     Attributes:
+        peft_type: The method's ``peft_type``.
+        config_cls: Its config dataclass.
         encoder_cls: ``(config, word_embeddings) -> nn.Module`` with ``adapter_params()`` and
             ``checkpoint_kind``.
+        model_inputs: ``(encoder, model, causal, **forward_kwargs) -> dict``: the keyword arguments for
+            the base model's forward with the virtual tokens added (``causal``: extend ``labels`` over them).
+        generate: ``(encoder, model, input_ids, *, encoder_decoder, **generate_kwargs) -> token ids``: the
+            base model's ``generate`` with the virtual tokens, returning what it returns without them.
+        task_types: The ``TaskType`` values (None: a plain model) the method supports.
+        checkpoint_keys: The root-level keys (no module path) its files hold, e.g. ``prompt_embeddings``.
     """
 
     peft_type: PeftType
     config_cls: type
     encoder_cls: type
+    model_inputs: Callable[..., dict]
+    generate: Callable
+    task_types: tuple = ()
+    checkpoint_keys: tuple[str, ...] = ()
 
 
-_METHODS: dict[PeftType, Method | PromptMethod] = {}
+_METHODS: dict[PeftType, Union[Method, PromptMethod]] = {}
+_TASK_MODELS: dict[str, type] = {}
 
 
 def register(method):
+    if isinstance(method, Method):  # a layer class missing an AdapterLayer member fails here, named
+        from .adapter_layer import check_layer_class  # (a leaf: imports torch and quant.bnb only)
+        check_layer_class(method.layer_cls)
     _METHODS[method.peft_type] = method
     return method
 
 
 def get_method(peft_type):
     """The registered method for a ``PeftType`` (or its string value)."""
-    from . import methods  # noqa: F401  (importing the package registers every method)
-
     try:
         key = PeftType(peft_type)
         return _METHODS[key]
@@ -75,7 +117,54 @@ def get_method(peft_type):
         raise ValueError(f"unknown or unsupported peft_type {peft_type!r}; deltatune supports {known}") from None
 
 
-def adapter_layer_types() -> tuple[type, ...]:
-    from . import methods  # noqa: F401
+def registered_methods() -> list[Union[Method, PromptMethod]]:
+    """Every registered method, in registration order."""
+    return list(_METHODS.values())
 
+
+def adapter_layer_types() -> tuple[type, ...]:
     return tuple(m.layer_cls for m in _METHODS.values() if isinstance(m, Method))
+
+
+def checkpoint_suffixes(checkpoint_kind: str) -> Mapping[str, str]:
+    """``{role: HF key suffix}`` for layers of one ``checkpoint_kind`` (see :attr:`Method.checkpoint_keys`)."""
+    for method in _METHODS.values():
+        if isinstance(method, Method) and checkpoint_kind in method.checkpoint_keys:
+            return method.checkpoint_keys[checkpoint_kind]
+    raise KeyError(f"no registered method declares checkpoint_kind {checkpoint_kind!r}")
+
+
+def adapter_key_suffixes() -> list[str]:
+    """Every HF key suffix of an adapter layer's tensor, longest first (so ``lora_A.weight`` is tried
+    before ``lora_A``)."""
+    found = {s for m in _METHODS.values() if isinstance(m, Method) for kind in m.checkpoint_keys.values()
+             for s in kind.values()}
+    return sorted(found, key=lambda s: (-len(s), s))
+
+
+def prompt_checkpoint_keys() -> list[str]:
+    """The root-level checkpoint keys of every prompt-learning method."""
+    return sorted({k for m in _METHODS.values() if isinstance(m, PromptMethod) for k in m.checkpoint_keys})
+
+
+def rank_key_suffixes() -> list[str]:
+    """The HF key suffixes of the tensors whose dimension 0 is an adapter's rank."""
+    found = {kind[m.rank_role] for m in _METHODS.values() if isinstance(m, Method) and m.rank_role
+             for kind in m.checkpoint_keys.values() if m.rank_role in kind}
+    return sorted(found, key=lambda s: (-len(s), s))
+
+
+def register_task_model(task_type: str, cls: type) -> type:
+    """Make ``cls`` the PeftModel wrapper for ``task_type`` (a ``TaskType`` or its string value)."""
+    _TASK_MODELS[getattr(task_type, "value", task_type)] = cls
+    return cls
+
+
+def task_model(task_type) -> Optional[type]:
+    """The wrapper registered for ``task_type``; None for ``task_type=None`` (a plain PeftModel)."""
+    if task_type is None:
+        return None
+    key = getattr(task_type, "value", task_type)
+    if key not in _TASK_MODELS:
+        raise ValueError(f"no PeftModel wrapper for task_type {task_type!r}; known: {sorted(_TASK_MODELS)}")
+    return _TASK_MODELS[key]

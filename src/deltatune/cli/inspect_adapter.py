@@ -8,13 +8,18 @@ import re
 
 from safetensors import safe_open
 
-from ..checkpoint import SAFETENSORS_NAME
+from ..checkpoint import SAFETENSORS_NAME, adapted_module_names
 from ..config import CONFIG_NAME, PeftConfig
+from ..registry import adapter_key_suffixes, prompt_checkpoint_keys, rank_key_suffixes
 from .report import human_bytes
 
-# Key shapes peft writes for the methods deltatune supports.
-_PEFT_KEY = re.compile(r"^(prompt_embeddings|base_model\.(model\.)?.+\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
-                       r"lora_embedding_B|lora_A|lora_B|lora_E|ia3_l|bias|weight|lora_magnitude_vector))$")
+
+def peft_key_pattern() -> re.Pattern:
+    """The key shapes peft writes for the registered methods: a prompt method's root key, or a module
+    path under ``base_model.`` ending in an adapter tensor's suffix, ``bias`` or ``weight`` (saved copies)."""
+    roots = "|".join(re.escape(k) for k in prompt_checkpoint_keys())
+    ends = "|".join(re.escape(s) for s in adapter_key_suffixes() + ["bias", "weight"])
+    return re.compile(rf"^({roots + '|' if roots else ''}base_model\.(model\.)?.+\.({ends}))$")
 
 
 def adapter_folder(path: str) -> str:
@@ -35,9 +40,11 @@ def inspect_command(path: str) -> str:
     with safe_open(weights, "pt") as fh:
         shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
     params = sum(_numel(s) for s in shapes.values())
-    modules = sorted({re.sub(r"\.(lora_\w+|ia3_l)(\.weight)?$", "", k) for k in shapes if ".lora_" in k or k.endswith(".ia3_l")})
-    ranks = sorted({s[0] for k, s in shapes.items() if k.endswith(("lora_A.weight", "lora_embedding_A", ".lora_A"))})
-    bad_keys = [k for k in shapes if not _PEFT_KEY.match(k)]
+    modules = adapted_module_names(shapes)
+    rank_suffixes = tuple(f".{s}" for s in rank_key_suffixes())
+    ranks = sorted({s[0] for k, s in shapes.items() if k.endswith(rank_suffixes)})
+    peft_key = peft_key_pattern()
+    bad_keys = [k for k in shapes if not peft_key.match(k)]
     known = set(config.to_dict()) | {"peft_version"}
     unknown_fields = sorted(set(raw) - known)
     compatible = not bad_keys and not unknown_fields

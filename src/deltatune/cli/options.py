@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .method_labels import METHODS
+
 TASKS = ("seq-cls", "causal-lm")
-# Methods the CLI can train; grows as methods land (each maps to a config factory in train.py).
-METHODS = ("lora", "dora", "ia3")
 DEFAULT_TARGETS = {
     "seq-cls": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "causal-lm": "all-linear",

@@ -20,12 +20,9 @@ from pathlib import Path
 import torch
 
 from ..mapping import get_peft_model
-from ..methods.ia3 import IA3Config
-from ..methods.lora import LoraConfig
 from .data import EncodedDataset, TextData, load_text_data
+from .method_labels import CONFIG_BUILDERS
 from .options import RunOptions, UsageError
-
-TASK_TYPES = {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
 def embedded_model_dir() -> str:
@@ -69,20 +66,10 @@ def load_base_model(path: str, task: str, labels: list[str]):
 
 
 def method_config(o: RunOptions, method: str, base_path: str):
-    """The adapter config for a CLI method name."""
-    if method in ("lora", "dora"):
-        return LoraConfig(task_type=TASK_TYPES[o.task], r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
-                          target_modules=o.targets(), base_model_name_or_path=base_path, use_dora=method == "dora")
-    if method == "ia3":
-        # (IA)^3's recipe: rescale keys, values and the feed-forward activations (the input of the second
-        # MLP linear); on other architectures, --target picks the modules (no feed-forward ones).
-        if o.target is None and o.task == "seq-cls":
-            targets, feedforward = r".*\.(key|value|layer\.\d+\.output\.dense)", r".*layer\.\d+\.output\.dense"
-        else:
-            targets, feedforward = o.targets(), None
-        return IA3Config(task_type=TASK_TYPES[o.task], target_modules=targets, feedforward_modules=feedforward,
-                         base_model_name_or_path=base_path)
-    raise UsageError(f"unknown method {method!r}")
+    """The adapter config for a command-line method label (see :mod:`.method_labels`)."""
+    if method not in CONFIG_BUILDERS:
+        raise UsageError(f"unknown method {method!r}; available: {list(CONFIG_BUILDERS)}")
+    return CONFIG_BUILDERS[method](o, base_path)
 
 
 def head_only(model):

@@ -1,7 +1,6 @@
 """AdaLoRA: config, SVD layers, rank allocator; registered as ``PeftType.ADALORA``."""
 
-from ...config import PeftType
-from ...registry import Method, register
+from ...registry import Method, PeftType, register
 from ..lora.layer import is_linear
 from .allocator import RankAllocator, orthogonality_penalty, update_and_allocate
 from .config import AdaLoraConfig
@@ -25,6 +24,7 @@ def _add_orth_loss(peft_model, outputs, config: AdaLoraConfig, adapter_name: str
 
 
 register(Method(PeftType.ADALORA, AdaLoraConfig, SVDLinear, wrap_module, _add_adapter, is_linear,
-                adjust_output=_add_orth_loss))
+                adjust_output=_add_orth_loss, rank_role="lora_A", update_and_allocate=update_and_allocate,
+                checkpoint_keys={"adalora": {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"}}))
 
 __all__ = ["AdaLoraConfig", "RankAllocator", "SVDLinear", "update_and_allocate"]

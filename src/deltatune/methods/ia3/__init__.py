@@ -1,7 +1,6 @@
 """(IA)^3: config, layers and pure math, registered as ``PeftType.IA3``."""
 
-from ...config import PeftType
-from ...registry import Method, register
+from ...registry import Method, PeftType, register
 from ..lora.layer import is_linear
 from .config import IA3Config
 from .layer import IA3Layer, wrap_module
@@ -13,6 +12,7 @@ def _add_adapter(layer: IA3Layer, module_name: str, adapter_name: str, config: I
                       autocast_adapter_dtype=autocast_adapter_dtype, device=device)
 
 
-register(Method(PeftType.IA3, IA3Config, IA3Layer, wrap_module, _add_adapter, is_linear))
+register(Method(PeftType.IA3, IA3Config, IA3Layer, wrap_module, _add_adapter, is_linear,
+                checkpoint_keys={"ia3": {"ia3_l": "ia3_l"}}))
 
 __all__ = ["IA3Config", "IA3Layer"]

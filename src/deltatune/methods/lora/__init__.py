@@ -1,9 +1,9 @@
 """LoRA (with rsLoRA scaling): config, layers and pure math, registered as ``PeftType.LORA``."""
 
-from ...config import PeftType
-from ...registry import Method, register
+from ...registry import Method, PeftType, register
 from .config import DoRAConfig, LoraConfig
-from .layer import LoraLayer, is_linear, wrap_module
+from .layer import LoraLayer, is_linear
+from .wrap import wrap_module
 
 
 def _add_adapter(layer: LoraLayer, module_name: str, adapter_name: str, config: LoraConfig,
@@ -20,6 +20,14 @@ def _add_adapter(layer: LoraLayer, module_name: str, adapter_name: str, config: 
     )
 
 
-register(Method(PeftType.LORA, LoraConfig, LoraLayer, wrap_module, _add_adapter, is_linear))
+#: HF key suffix of each tensor role, per layer ``checkpoint_kind`` (embeddings have their own names).
+CHECKPOINT_KEYS = {
+    "lora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"},
+    "lora_embedding": {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B",
+                       "lora_magnitude_vector": "lora_magnitude_vector"},
+}
+
+register(Method(PeftType.LORA, LoraConfig, LoraLayer, wrap_module, _add_adapter, is_linear,
+                checkpoint_keys=CHECKPOINT_KEYS, rank_role="lora_A"))
 
 __all__ = ["DoRAConfig", "LoraConfig", "LoraLayer"]

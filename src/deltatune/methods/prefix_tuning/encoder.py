@@ -1,12 +1,20 @@
-"""Prefix tuning's encoder and how its prefixes enter the model: as a pre-filled key/value cache."""
+"""Prefix tuning's encoder and how its prefixes enter the model (forward and ``generate``): as a pre-filled
+key/value cache."""
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from ...config import TaskType
+from ..prompt_tuning.encoder import TASK_TYPES as _PROMPT_TASK_TYPES
+
+#: The task types prefix tuning supports: the prefix is not in the sequence, so per-token heads work too.
+TASK_TYPES = _PROMPT_TASK_TYPES + (TaskType.TOKEN_CLS, TaskType.QUESTION_ANS)
 
 
 class PrefixEncoder(nn.Module):
@@ -126,3 +134,43 @@ def with_prefix(encoder: PrefixEncoder, model: nn.Module, input_ids: Optional[Te
 
 def _ones_before(mask: Tensor, n: int) -> Tensor:
     return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+
+def prefix_inputs(encoder: PrefixEncoder, model: nn.Module, causal: bool, input_ids=None, attention_mask=None,
+                  inputs_embeds=None, labels=None, token_type_ids=None, position_ids=None, **kwargs) -> dict:
+    """The keyword arguments for ``model`` with the prefix as a pre-filled key/value cache (``causal`` is
+    not needed: the prefix is not in the sequence, so ``labels`` stay as they are)."""
+    if position_ids is not None:
+        warnings.warn("position_ids are ignored with prompt tuning (the virtual tokens shift every position)")
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    decoder_mask = kwargs.pop("decoder_attention_mask", None)
+    prefix = with_prefix(encoder, model, input_ids, inputs_embeds, attention_mask, decoder_mask)
+    return {**kwargs, "labels": labels, **prefix}
+
+
+def generate_with_prefix(encoder: PrefixEncoder, model: nn.Module, input_ids: Tensor, *, encoder_decoder: bool,
+                         **kwargs) -> Tensor:
+    """``model.generate`` with the prefix cache. generate() sees the cache as n already-processed tokens, so
+    it gets n placeholder ids in front (never embedded: the cache covers them), removed from the result.
+
+    Decoder-only models: the placeholders go before ``input_ids``. Encoder-decoder models: the cache is in
+    the decoder, so they go before the decoder's start token, with a decoder mask as long as the decoder
+    ids (that is how generate() knows to feed only the ids after the cache).
+    """
+    n = encoder.config.num_virtual_tokens
+    if not encoder_decoder:
+        pad = input_ids.new_zeros(input_ids.shape[0], n)
+        inputs = with_prefix(encoder, model, input_ids, None, kwargs.pop("attention_mask", None))
+        inputs["input_ids"] = torch.cat([pad, input_ids], dim=1)
+        return model.generate(**inputs, **kwargs)[:, n:]
+    start = kwargs.pop("decoder_input_ids", None)
+    if start is None:
+        token = getattr(model.generation_config, "decoder_start_token_id", None)
+        token = model.config.decoder_start_token_id if token is None else token
+        start = input_ids.new_full((input_ids.shape[0], 1), token)
+    mask = kwargs.pop("decoder_attention_mask", None)
+    mask = torch.ones_like(start) if mask is None else mask
+    inputs = with_prefix(encoder, model, input_ids, None, kwargs.pop("attention_mask", None), mask)
+    inputs["decoder_input_ids"] = torch.cat([start.new_zeros(start.shape[0], n), start], dim=1)
+    return model.generate(**inputs, **kwargs)[:, n:]

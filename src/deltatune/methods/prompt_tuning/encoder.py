@@ -1,4 +1,4 @@
-"""The prompt encoder of prompt tuning and how its virtual tokens enter a forward call."""
+"""The prompt encoder of prompt tuning and how its virtual tokens enter a forward call and ``generate``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..prefix_tuning.encoder import with_prefix
+from ...config import TaskType
+
+
+#: The task types prompt tuning supports (None: a plain model). The virtual tokens are part of the sequence,
+#: so per-token heads (token classification, question answering) would get n extra outputs.
+TASK_TYPES = (None, TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.FEATURE_EXTRACTION, TaskType.SEQ_2_SEQ_LM)
 
 
 class PromptEmbedding(nn.Module):
@@ -69,36 +74,22 @@ def with_prompts(encoder: PromptEmbedding, word_embeddings: nn.Embedding, input_
 
 def prompt_inputs(encoder: nn.Module, model: nn.Module, causal: bool, input_ids=None, attention_mask=None,
                   inputs_embeds=None, labels=None, token_type_ids=None, position_ids=None, **kwargs) -> dict:
-    """The keyword arguments for ``model`` with the active prompt encoder's virtual tokens (prompt tuning,
-    P-tuning) or key/value prefix (prefix tuning) added; ``causal``: extend ``labels`` over the prompt."""
+    """The keyword arguments for ``model`` with the encoder's virtual tokens in front of the input (prompt
+    tuning, P-tuning); ``causal``: extend ``labels`` over the prompt."""
     if position_ids is not None:
         warnings.warn("position_ids are ignored with prompt tuning (the virtual tokens shift every position)")
-    if getattr(encoder, "is_prefix", False):  # prefix tuning: a pre-filled key/value cache
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        decoder_mask = kwargs.pop("decoder_attention_mask", None)
-        prefix = with_prefix(encoder, model, input_ids, inputs_embeds, attention_mask, decoder_mask)
-        return {**kwargs, "labels": labels, **prefix}
     inputs = with_prompts(encoder, model.get_input_embeddings(), input_ids, inputs_embeds, attention_mask, labels,
                           token_type_ids, extend_labels=causal)
     return {**kwargs, **inputs}
 
 
-def build_prompt_encoder(method, config, model: nn.Module):
-    """``(config with the model's sizes filled in, prompt encoder)`` for a prompt-learning adapter."""
-    from ...config import TaskType
-
-    supported = [None, TaskType.CAUSAL_LM, TaskType.SEQ_CLS, TaskType.FEATURE_EXTRACTION, TaskType.SEQ_2_SEQ_LM]
-    if getattr(method.encoder_cls, "is_prefix", False):  # the prefix is not in the sequence: per-token heads work
-        supported += [TaskType.TOKEN_CLS, TaskType.QUESTION_ANS]
-    if config.task_type not in supported:
-        raise ValueError(f"{config.peft_type.value} is supported for "
-                         f"{[t.value for t in supported if t]} models in this version, not {config.task_type.value}")
-    found = config.model_sizes(model)
-    wrong = [f"{k}={getattr(config, k)} (the model has {found[k]})" for k in config.binding_sizes
-             if getattr(config, k) is not None and found.get(k) is not None and getattr(config, k) != found[k]]
-    if wrong:
-        raise ValueError(f"this {config.peft_type.value} adapter does not fit {type(model).__name__}: "
-                         f"{', '.join(wrong)}; it was made for another model")
-    config = config.replace(**{k: v for k, v in found.items() if getattr(config, k) is None})
-    return config, method.encoder_cls(config, model.get_input_embeddings())
+def generate_with_prompts(encoder: nn.Module, model: nn.Module, input_ids: Optional[Tensor], *,
+                          encoder_decoder: bool, **kwargs) -> Tensor:
+    """``model.generate`` from the prompt and input embeddings. Generating from embeddings returns only the
+    new tokens; a decoder-only model's result gets its input ids back in front, as without a prompt."""
+    inputs = with_prompts(encoder, model.get_input_embeddings(), input_ids, kwargs.pop("inputs_embeds", None),
+                          kwargs.pop("attention_mask", None))
+    new_tokens = model.generate(**inputs, **kwargs)
+    if input_ids is None or encoder_decoder:
+        return new_tokens
+    return torch.cat([input_ids, new_tokens], dim=1)

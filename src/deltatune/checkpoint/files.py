@@ -1,0 +1,100 @@
+"""Adapter folders on disk and on the Hub: write ``adapter_model.safetensors`` + ``adapter_config.json``
+atomically, read them back (safetensors, or a ``.bin`` loaded with ``weights_only``), resolve a Hub id."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..fileio import atomic_write
+from .convert import convert_to_plain_lora
+from .errors import CheckpointError
+from .keys import state_dict_for_save
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+#: Keyword arguments of ``from_pretrained``/``load_adapter`` passed on to the Hub download.
+HUB_KWARGS = {"token", "cache_dir", "force_download", "local_files_only", "proxies", "etag_timeout", "endpoint",
+              "user_agent", "max_workers"}
+
+
+def save_adapter(model: nn.Module, adapter_name: str, config, directory: str, initial_dir: Optional[str] = None) -> None:
+    """Write one adapter of ``model`` (a PeftModel) and its ``config`` into ``directory``.
+
+    ``initial_dir``: the folder a PiSSA/OLoRA adapter was saved to right after initialisation; the adapter
+    is then written as plain LoRA for the original base weights (:func:`convert_to_plain_lora`).
+    """
+    tensors = state_dict_for_save(model, adapter_name, getattr(config, "bias", "none"))
+    if initial_dir is not None:
+        tensors, config = convert_to_plain_lora(tensors, read_adapter_weights(initial_dir), config)
+    save_adapter_folder(directory, tensors, config)
+
+
+def save_adapter_folder(directory: str, tensors: dict[str, Tensor], config) -> None:
+    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` into ``directory``, each atomically."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    atomic_write(os.path.join(directory, SAFETENSORS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    config.save_pretrained(directory)
+
+
+def read_adapter_weights(directory: str, allow_pickle: bool = True) -> dict[str, Tensor]:
+    """Read the weights of an adapter folder: safetensors, else a ``.bin`` via ``weights_only`` loading."""
+    st_path = os.path.join(directory, SAFETENSORS_NAME)
+    if os.path.isfile(st_path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(st_path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{st_path} is truncated or corrupt and cannot be read: {exc}") from None
+    bin_path = os.path.join(directory, PICKLE_NAME)
+    if os.path.isfile(bin_path) and allow_pickle:
+        try:
+            # weights_only refuses arbitrary pickled objects: untrusted files cannot run code.
+            data = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{bin_path} could not be loaded safely (weights_only=True): {exc}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{bin_path} does not hold a state dict")
+        return data
+    raise FileNotFoundError(f"no {SAFETENSORS_NAME} (or {PICKLE_NAME}) in {directory}")
+
+
+def resolve_adapter_dir(path_or_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None,
+                        **hub_kwargs) -> str:
+    """A local folder holding the adapter: ``path_or_id`` itself, or a Hub snapshot of it."""
+    unknown = sorted(set(hub_kwargs) - HUB_KWARGS)
+    if unknown:  # (for a local folder they would otherwise be dropped without a word)
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the Hub download takes {sorted(HUB_KWARGS)}")
+    local = os.path.join(path_or_id, subfolder) if subfolder else str(path_or_id)
+    if os.path.isdir(local):
+        return local
+    if os.path.exists(path_or_id) or str(path_or_id).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"adapter folder {local!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        root = snapshot_download(
+            str(path_or_id), revision=revision,
+            allow_patterns=[f"{subfolder + '/' if subfolder else ''}adapter_*"], **hub_kwargs,
+        )
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"{path_or_id!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    folder = os.path.join(root, subfolder) if subfolder else root
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path_or_id!r} on the Hub has no folder {subfolder!r}")
+    return folder
+
+
+__all__ = ["HUB_KWARGS", "PICKLE_NAME", "SAFETENSORS_NAME", "read_adapter_weights", "resolve_adapter_dir",
+           "save_adapter", "save_adapter_folder"]

@@ -1,0 +1,116 @@
+"""Key mapping: deltatune's tensors under the key names HuggingFace PEFT writes, and back.
+
+A layer's adapter tensor is keyed as the module path (adapter name left out) plus the suffix its method
+registered for the role (``registry.Method.checkpoint_keys``), e.g. ``...q_proj.lora_A.weight``. Other
+tensors (modules_to_save copies, biases, prompts) keep the names :mod:`deltatune.adapter_tensors` gives them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional
+
+from torch import Tensor, nn
+
+from ..adapter_tensors import named_tensors
+from ..registry import adapter_key_suffixes, checkpoint_suffixes
+from .errors import CheckpointError
+
+#: The prefix of a PeftModel's keys for modules of the base model.
+ROOT = "base_model.model."
+
+
+def _hf_key(name: str, layer: nn.Module, role: str) -> str:
+    return f"{name}.{checkpoint_suffixes(layer.checkpoint_kind)[role]}"
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str, bias: str = "none",
+                    peft_layout: bool = False, for_save: bool = False) -> dict[str, Tensor]:
+    """The live tensors of one adapter under their HF keys (relative to ``model``).
+
+    See :func:`deltatune.adapter_tensors.named_tensors` for what is included and the arguments.
+    """
+    return named_tensors(model, adapter_name, bias, peft_layout, for_save, layer_key=_hf_key)
+
+
+def _is_prompt_adapter(model: nn.Module, adapter_name: str) -> bool:
+    prompts = getattr(model, "prompt_encoder", None)
+    return isinstance(prompts, nn.ModuleDict) and adapter_name in prompts
+
+
+def to_peft_keys(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str) -> dict[str, Tensor]:
+    """A PeftModel's keys as peft writes them: prompt-learning adapters have no tuner module between
+    the PeftModel and the base model, so their module keys start ``base_model.`` (not ``base_model.model.``)."""
+    if not _is_prompt_adapter(model, adapter_name):
+        return tensors
+    return {("base_model." + k[len(ROOT):] if k.startswith(ROOT) else k): v for k, v in tensors.items()}
+
+
+def from_peft_keys(model: nn.Module, weights: dict[str, Tensor], adapter_name: str) -> dict[str, Tensor]:
+    """Keys of a peft file (or state dict, with or without the ``base_model.model.`` prefix) as this
+    PeftModel names its tensors; root keys such as ``prompt_embeddings`` name no module and stay."""
+    prompt = _is_prompt_adapter(model, adapter_name)
+    out = {}
+    for key, value in weights.items():
+        if "." not in key or key.startswith(ROOT):
+            out[key] = value
+        elif prompt and key.startswith("base_model."):
+            out[ROOT + key[len("base_model."):]] = value
+        else:
+            out[ROOT + key] = value
+    return out
+
+
+def adapted_module_names(keys: Iterable[str]) -> list[str]:
+    """The modules a state dict's adapter keys belong to (``x.lora_A.weight`` -> ``x``), in order; keys of
+    other tensors (modules_to_save copies, biases, prompts) are left out. A ``base_model.model.`` prefix is
+    dropped."""
+    suffixes = [f".{s}" for s in adapter_key_suffixes()]  # longest first: "lora_A.weight" before "lora_A"
+    names: dict[str, None] = {}
+    for key in keys:
+        key = key[len(ROOT):] if key.startswith(ROOT) else key
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if suffix is not None:
+            names[key[: -len(suffix)]] = None
+    return list(names)
+
+
+def rename_keys(weights: dict[str, Tensor], key_mapping: Optional[dict[str, str]]) -> dict[str, Tensor]:
+    """peft's ``key_mapping``: regular-expression ``pattern -> replacement`` pairs applied to each file key
+    without its ``base_model.model.`` prefix (the first pattern that matches renames it), e.g.
+    ``{r"^language_model\\.blocks": "model.layers"}`` for a checkpoint of a model whose modules were renamed."""
+    if not key_mapping:
+        return weights
+    rules = []
+    for pattern, replacement in key_mapping.items():
+        try:
+            rules.append((re.compile(pattern), replacement))
+        except re.error as exc:
+            raise ValueError(f"key_mapping pattern {pattern!r} is not a regular expression: {exc}") from None
+    out: dict[str, Tensor] = {}
+    for key, value in weights.items():
+        prefix = ROOT if key.startswith(ROOT) else ""
+        rest = key[len(prefix):]
+        for rule, replacement in rules:
+            rest, hits = rule.subn(replacement, rest)
+            if hits:
+                break
+        if prefix + rest in out:
+            raise CheckpointError(f"key_mapping renames two checkpoint keys to {prefix + rest!r}")
+        out[prefix + rest] = value
+    return out
+
+
+def state_dict_for_save(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
+    """Detached, contiguous CPU copies of :func:`adapter_tensors` under peft's keys (what goes into the file)."""
+    tensors = to_peft_keys(model, adapter_tensors(model, adapter_name, bias, peft_layout=True, for_save=True),
+                           adapter_name)
+    empty = [k for k, v in tensors.items() if v.is_meta]
+    if empty:
+        raise CheckpointError(f"adapter {adapter_name!r} has {len(empty)} tensor(s) without values (created with "
+                              f"low_cpu_mem_usage=True and never loaded), e.g. {empty[:3]}")
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+__all__ = ["ROOT", "adapted_module_names", "adapter_tensors", "from_peft_keys", "rename_keys",
+           "state_dict_for_save", "to_peft_keys"]
