@@ -63,11 +63,28 @@ def test_main_job_beats_the_head_only_baseline(default_run):
     assert not any(p.name.startswith("default.partial") for p in default_run.parent.iterdir())
 
 
-def test_run_config_repeats_the_run(default_run):
+def test_run_config_repeats_the_run(default_run, tiny_models, tmp_path):
+    """``deltatune train --config <run>/config.json`` trains the same adapter again: same tensors, same
+    per-epoch metrics. A short run with non-default options (so each must come from the file)."""
+    from safetensors.torch import load_file
+
     from deltatune.cli.options import read_config_file
 
     recorded = read_config_file(str(default_run / "config.json"))
     assert recorded["r"] == 8 and recorded["method"] == "lora" and "output" not in recorded
+
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert main(["train", "--model", str(tiny_models / "bert"), "--data", str(tiny_models / "small.jsonl"),
+                 "--epochs", "2", "--r", "4", "--alpha", "8", "--dropout", "0.1", "--lr", "2e-3", "--seed", "3",
+                 "--batch-size", "8", "--no-baseline", "--output", str(first)]) == 0
+    assert main(["train", "--config", str(first / "config.json"), "--output", str(again)]) == 0
+    assert json.loads((again / "config.json").read_text()) == json.loads((first / "config.json").read_text())
+    a = load_file(str(first / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(again / "adapter" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"].shape[0] == 4
+    history = [json.loads((run / "metrics.json").read_text())["adapter"]["history"] for run in (first, again)]
+    assert len(history[0]) == 2 and history[0] == history[1]
 
 
 def test_merge_gives_a_plain_transformers_model(default_run, tmp_path):

@@ -233,13 +233,50 @@ def test_two_active_dora_adapters_match_peft():
     torch.testing.assert_close(main_output(dm(**inputs)), main_output(pm(**inputs)), rtol=0, atol=1e-5)
 
 
+class _DoraThenLora(nn.Module):
+    """Reference for one layer with a DoRA adapter (1) and a plain LoRA adapter (2), both active:
+    ``y = m / ||W + s1 B1 A1|| * (W x + s1 B1 A1 x) + s2 B2 A2 x``, the row norm detached (as in the paper)."""
+
+    def __init__(self, weight, dora, lora):
+        super().__init__()
+        self.weight = weight.detach().clone()
+        copy_of = lambda t: nn.Parameter(t.detach().clone())  # noqa: E731
+        self.A1, self.B1, self.m = copy_of(dora.lora_A), copy_of(dora.lora_B), copy_of(dora.lora_magnitude_vector)
+        self.A2, self.B2 = copy_of(lora.lora_A), copy_of(lora.lora_B)
+        self.s1, self.s2 = dora.scaling, lora.scaling
+
+    def forward(self, x):
+        W = self.weight
+        norm = (W + self.s1 * self.B1 @ self.A1).norm(dim=1).detach()
+        dora = self.m / norm * (x @ W.t() + self.s1 * (x @ self.A1.t()) @ self.B1.t())
+        return dora + self.s2 * (x @ self.A2.t()) @ self.B2.t()
+
+
 def test_dora_then_lora_on_one_layer_trains():
-    """A DoRA adapter followed by a plain LoRA adapter on the same layers (both active) trains."""
+    """A DoRA adapter followed by a plain LoRA adapter on the same layers (both active): the loss and every
+    adapter gradient equal those of a plain reference implementation of the formula."""
     model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
                                                           init_lora_weights=False))
-    model.add_adapter("plain", dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.add_adapter("plain", dt.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False))
     model.set_adapter(["default", "plain"])
+    perturb_trainable(model, 1, 0.3)  # m away from ||W + s B A||: the DoRA scale is not 1
     model.train()
     inputs = text_inputs()
-    model(**inputs, labels=inputs["input_ids"]).loss.backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+
+    reference = tiny_llama().train()
+    pairs = []
+    for ours, theirs in zip(model.base_model.model.model.layers, reference.model.layers):
+        layer = ours.self_attn.q_proj
+        dora, lora = layer.adapters["default"], layer.adapters["plain"]
+        theirs.self_attn.q_proj = ref = _DoraThenLora(layer.base_layer.weight, dora, lora)
+        pairs += [(dora.lora_A, ref.A1), (dora.lora_B, ref.B1), (dora.lora_magnitude_vector, ref.m),
+                  (lora.lora_A, ref.A2), (lora.lora_B, ref.B2)]
+    want = reference(**inputs, labels=inputs["input_ids"]).loss
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    assert len(pairs) == 10 and {id(p) for p, _ in pairs} == {id(p) for p in model.parameters() if p.requires_grad}
+    for got, exp in pairs:
+        assert exp.grad.abs().max() > 0
+        torch.testing.assert_close(got.grad, exp.grad, rtol=1e-4, atol=1e-6)

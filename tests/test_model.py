@@ -233,12 +233,19 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_dropout(dora, reen
 
 def test_torch_compile_fullgraph_plain_lora_path():
     model = dt.get_peft_model(_mlp(), dt.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
-    x = torch.randn(3, 8)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
     eager = model(x)
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
     torch.testing.assert_close(compiled(x), eager)
     model.train()
-    compiled(x).sum().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    g = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))  # not all ones: rows weigh differently
+    want = torch.autograd.grad(model(x), list(trainable.values()), g)
+    got = torch.autograd.grad(compiled(x), list(trainable.values()), g)
+    assert len(trainable) == 4  # lora_A and lora_B of both layers
+    for name, a, b in zip(trainable, got, want):
+        assert b.abs().max() > 0, name  # B starts non-zero (init_lora_weights=False): every factor gets a gradient
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_generate_matches_peft_and_attribute_fallthrough():

@@ -181,6 +181,30 @@ def test_bart_with_a_decoder_unlike_its_encoder(tmp_path):
     theirs = peft.get_peft_model(_bart(), peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
     theirs.save_pretrained(str(tmp_path / "b"))
     base = _bart()
+    before = _observable_state(base)
     with pytest.raises(ValueError, match=r"num_attention_heads=4 \(the model has 2\), num_layers=2 \(the model has 3\)"):
         dt.PeftModel.from_pretrained(base, str(tmp_path / "b"))
-    assert not hasattr(base, "peft_config") and not any("prompt" in n for n, _ in base.named_modules())
+    after = _observable_state(base)
+    assert [n for n, _ in after["modules"]] == [n for n, _ in before["modules"]]
+    assert all(a is b for (_, a), (_, b) in zip(after["modules"], before["modules"]))
+    assert after["attributes"] == before["attributes"]  # nothing stashed on any module
+    assert [n for n, _ in after["params"]] == [n for n, _ in before["params"]]
+    for (name, p), (_, q) in zip(after["params"], before["params"]):
+        assert p is q and p.requires_grad == before["requires_grad"][name], name
+        assert torch.equal(p, before["values"][name]), name
+    assert torch.equal(after["outputs"], before["outputs"])
+
+
+def _observable_state(model):
+    """The model's modules, attributes and parameters (object, trainability, value), and its output."""
+    with torch.no_grad():
+        outputs = model(**t5_inputs()).logits
+    params = list(model.named_parameters())
+    return dict(
+        modules=list(model.named_modules()),
+        attributes={n: sorted(vars(m)) for n, m in model.named_modules()},
+        params=params,
+        requires_grad={n: p.requires_grad for n, p in params},
+        values={n: p.detach().clone() for n, p in params},
+        outputs=outputs,
+    )

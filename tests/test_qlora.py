@@ -88,6 +88,8 @@ def test_merge_into_a_quantized_base_requantizes(model_dir, quant):
     diff = (logits(merged) - unmerged).abs().max().item()
     print(f"\n{quant}: merged vs unmerged max abs logit diff {diff:.4f}; the base's own quantization error "
           f"{quant_error:.4f}; the adapter's effect {adapter_effect:.4f}")
+    # The adapter must move the logits well past the tolerance below, or a merge that lost it would pass.
+    assert adapter_effect > 3 * quant_error
     assert diff <= 3 * quant_error  # one more rounding to the quantization grid, nothing more
 
 
