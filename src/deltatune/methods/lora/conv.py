@@ -24,6 +24,7 @@ class LoraConv(LoraLayer):
         if base_layer.padding_mode != "zeros":
             raise TypeError(f"LoRA on convolutions with padding_mode={base_layer.padding_mode!r} is not supported")
         super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self._conv = _CONV_FN[base_layer.weight.dim() - 2]
 
     def _magnitude_shape(self):

@@ -16,6 +16,10 @@ class LoraEmbedding(LoraLayer):
     checkpoint_kind = "lora_embedding"
     _weight_out_dim = 1  # DoRA normalises each embedding dimension over the vocabulary
 
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+
     def _shapes(self, r):
         num, dim = self.base_layer.weight.shape
         return (r, num), (dim, r)

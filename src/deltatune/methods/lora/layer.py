@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import adapter_state
-from ...quant.bnb import dequantize_weight, is_quantized, replace_weight, warn_requantize
+from ...adapter_layer import read_weight, write_weight
 from . import functional as LF
 from .cache import LayerCache
 from .variants import LoraVariant, variant_for
@@ -71,7 +71,8 @@ class LoraLayer(nn.Module):
     the delta weight; bookkeeping, merging and the general forward live here, once.
     """
 
-    #: Tells the checkpoint code which HF key names this layer's adapter tensors use.
+    #: Which of the key-suffix tables LoRA registers (CHECKPOINT_KEYS in methods/lora/__init__.py) names this
+    #: layer's tensors in a checkpoint.
     checkpoint_kind = "lora"
     #: Output channel dimension (of the forward output, and of the base weight) for DoRA.
     _channel_dim = -1
@@ -183,46 +184,30 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ merging
     def merge(self, names: Optional[Sequence[str]] = None, safe: bool = False) -> None:
-        """Add the adapters' deltas into the base weight (default: the active adapters).
-
-        Merging computes in float32 and casts once; with ``safe=True`` a non-finite result raises
-        before anything is written.
-        """
+        """Add the adapters' deltas into the base weight (default: the active adapters), each as its
+        variant merges it. Computed in float32 and cast once; with ``safe=True`` a non-finite result
+        raises before anything of that adapter is written."""
         self.cache.clear()
-        for name in self.active if names is None else names:
-            if name in self.merged or name not in self.adapters:
-                continue
-            with torch.no_grad():
-                new = self.adapters[name].variant.merged_weight(self, name, self._read_weight())
-                if safe and not torch.isfinite(new).all():
-                    raise ValueError(f"merging adapter {name!r} into {self._label()} produced NaN/inf values; "
-                                     "the weights were left unchanged")
-                self._write_weight(new)
-            self.merged.append(name)
-        self._refresh()
+        adapter_state.merge_adapters(self, names, safe, self._merged_weight)
 
     def unmerge(self) -> None:
         """Undo every merged adapter, last merged first."""
         self.cache.clear()
-        while self.merged:
-            name = self.merged.pop()
-            with torch.no_grad():
-                self._write_weight(self.adapters[name].variant.unmerged_weight(self, name, self._read_weight()))
-        self._refresh()
+        adapter_state.unmerge_adapters(self, self._unmerged_weight)
+
+    def _merged_weight(self, name: str, weight: Tensor) -> Tensor:
+        return self.adapters[name].variant.merged_weight(self, name, weight)
+
+    def _unmerged_weight(self, name: str, weight: Tensor) -> Tensor:
+        return self.adapters[name].variant.unmerged_weight(self, name, weight)
 
     def _read_weight(self) -> Tensor:
-        """The base weight in its usual layout; dequantized (float32) for 4/8-bit bases."""
-        if is_quantized(self.base_layer):
-            return dequantize_weight(self.base_layer)
-        return self.base_layer.weight
+        """The base weight in its stored layout; dequantized (float32) for 4/8-bit bases."""
+        return read_weight(self.base_layer)
 
     def _write_weight(self, new: Tensor) -> None:
         """Set the base weight to ``new``; quantized bases are quantized again (with a warning)."""
-        if is_quantized(self.base_layer):
-            warn_requantize(self.base_layer)
-            replace_weight(self.base_layer, new)
-        else:
-            self.base_layer.weight.copy_(new)
+        write_weight(self.base_layer, new)
 
     def _magnitude_shape(self) -> tuple[int, ...]:
         """Shape of the DoRA magnitude as peft stores it: ``(out,)``; convolutions override."""
@@ -233,9 +218,6 @@ class LoraLayer(nn.Module):
         weight = self._read_weight()
         rows = weight.t() if self._weight_out_dim == 1 else weight.reshape(weight.shape[0], -1)
         return rows, ad.lora_A.reshape(ad.r, -1), ad.lora_B.reshape(-1, ad.r)
-
-    def _label(self) -> str:
-        return type(self.base_layer).__name__
 
     def _cast_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         # Under autocast the matmuls pick their own dtype; otherwise match the adapter's.

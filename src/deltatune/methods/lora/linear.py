@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
-from ...quant.bnb import is_quantized
+from ...adapter_layer import logical_shape
 from . import functional as LF
 from . import inference
 from .layer import LoraAdapter, LoraLayer
@@ -49,11 +49,7 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
         self._weight_out_dim = 1 if fan_in_fan_out else 0
-        if is_quantized(base_layer):  # packed weights: the shape is not (out, in)
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        else:
-            out_f, in_f = base_layer.weight.shape
-            self.in_features, self.out_features = (out_f, in_f) if fan_in_fan_out else (in_f, out_f)
+        self.out_features, self.in_features = logical_shape(base_layer, fan_in_fan_out)[:2]
 
     def _init_from_base(self, adapter: LoraAdapter, mode: str) -> None:
         """PiSSA / OLoRA: factors from the base weight; the residual ``W - s B A`` replaces the base."""
