@@ -190,7 +190,7 @@ PEFT_CASES = [
     ("llama", "ab", [0.7, 0.5], "dare_ties", dict(density=1.0)),
     ("llama", "abc", [0.7, 0.5, 1.2], "dare_linear_svd", dict(density=1.0)),
     ("llama", "abc", [0.7, 0.5, 1.2], "dare_ties_svd", dict(density=1.0, majority_sign_method="frequency")),
-    ("llama", "c", [-0.8], "svd", {}),  # one source: linear, exact, negative weight included
+    ("llama", "c", [-0.8], "svd", dict(svd_rank=1)),  # one source: linear (svd_rank unused), negative weight
     ("gpt2", "ab", [0.7, 0.5], "svd", {}),
     ("gpt2", "ab", [0.7, -0.5], "cat", {}),
     ("gpt2", "ab", [0.7, 0.5], "linear", {}),
@@ -224,6 +224,20 @@ def test_combined_config_as_peft_writes_it(pairs):
         assert not any(p.requires_grad for n, p in D.named_parameters() if ".combo." in n)
     finally:
         D.delete_adapter("combo")
+
+
+def test_combined_adapter_covers_exactly_the_source_modules():
+    """When the union of the sources' target entries would adapt more modules (layers_to_transform), the
+    new config names the modules themselves."""
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[0],
+                                                         init_lora_weights=False))
+    model.add_adapter("b", dt.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    add_weighted_adapter(model, ["default", "b"], [1.0, 1.0], "combo", combination_type="cat")
+    layers = _lora_layers(model)
+    assert {n for n, l in layers.items() if "combo" in l.adapters} == {
+        n for n, l in layers.items() if "default" in l.adapters or "b" in l.adapters}
+    assert model.peft_config["combo"].layers_to_transform is None
+    assert "model.layers.0.self_attn.q_proj" in model.peft_config["combo"].target_modules
 
 
 # ================================================================================= DARE

@@ -165,9 +165,6 @@ def _check(peft_model, adapters, weights, adapter_name, combination_type, svd_ra
     if not layers:
         raise ValueError(f"adapters {adapters} adapt no layer of this model")
     for entry in layers:
-        for name, _ in entry.sources:
-            if entry.layer.adapters[name].lora_magnitude_vector is not None:
-                raise ValueError(f"adapter {name!r} is a DoRA adapter in {entry.name!r}; it cannot be combined")
         ranks = {entry.layer.adapters[n].r for n, _ in entry.sources}
         if len(adapters) > 1 and kind == "factors" and len(ranks) > 1:
             raise ValueError(f"combination_type={combination_type!r} adds the factors, which needs one rank per "
