@@ -83,8 +83,9 @@ def add_weighted_adapter(peft_model, adapters: Sequence[str], weights: Sequence[
         svd_full_matrices, svd_driver: Passed to ``torch.linalg.svd`` (``svd_driver`` on CUDA only).
         density: Fraction kept by the pruning types (``ties*``, ``dare_*``, ``magnitude_prune*``).
         majority_sign_method: ``"total"`` or ``"frequency"`` (TIES types).
-        generator: DARE's random drops (default: torch's global generator, as peft draws them: the same
-            ``torch.manual_seed`` gives peft's result on Linear and ConvNd layers).
+        generator: DARE's random drops (default: torch's global generator, so ``torch.manual_seed`` before
+            the call reproduces it). The drops are drawn before the new adapter is created; peft draws after
+            initialising it, so the same seed does not give peft's masks.
 
     Raises:
         ValueError: An unknown or existing name, mismatched lengths, a non-LoRA, prompt-learning or DoRA
@@ -100,7 +101,7 @@ def add_weighted_adapter(peft_model, adapters: Sequence[str], weights: Sequence[
     for entry in layers:
         factors[entry.name] = _combine(entry, kind, rule, rank, svd_clamp, svd_full_matrices, svd_driver, density,
                                        majority_sign_method, generator)
-    config = _new_config(peft_model, adapters, rank, [e.name for e in layers], wrappers)
+    config = _new_config(peft_model, adapters, rank, [e.name for e in layers])
     undo = Undo(peft_model)
     peft_model.add_adapter(adapter_name, config)
     try:
@@ -249,7 +250,7 @@ def _combine(entry: _Layer, kind, rule, rank, clamp, full_matrices, driver, dens
 
 
 # ---------------------------------------------------------------------------------------------- the adapter
-def _new_config(peft_model, adapters, rank, module_names, wrappers):
+def _new_config(peft_model, adapters, rank, module_names):
     """The new adapter's config, derived from the first source's (never mutated): one rank, scaling 1,
     exactly the modules the sources adapt, modules_to_save the union of the sources'."""
     configs = [peft_model.peft_config[a] for a in adapters]
