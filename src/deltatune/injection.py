@@ -166,14 +166,16 @@ def _inject(model, config, adapter_name, method, autocast_adapter_dtype, device)
     for name, layer in layers.items():
         if adapter_name in layer.adapters:
             raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
+    # Every layer goes in before the first adapter is made, so that an Undo finds all of them (an adapter
+    # initialised from the base, PiSSA/OLoRA, must give the base weight back).
+    for name, layer in layers.items():
+        if layer is not model.get_submodule(name):
+            set_submodule(model, name, layer)
     for name, layer in layers.items():
         try:
             method.add_adapter(layer, name, adapter_name, config, autocast_adapter_dtype, device=device)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"cannot adapt module {name!r}: {exc}") from None
-    for name, layer in layers.items():
-        if layer is not model.get_submodule(name):
-            set_submodule(model, name, layer)
     return names
 
 
