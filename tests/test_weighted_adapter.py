@@ -207,7 +207,7 @@ def test_same_outputs_as_peft(pairs, family, adapters, weights, kind, options):
     P, D, inputs = pairs[family]
     args = (list(adapters), weights, "combo")
     expected = _combined_outputs(P, lambda: P.add_weighted_adapter(*args, combination_type=kind, **options), inputs)
-    got = _combined_outputs(D, lambda: add_weighted_adapter(D, *args, combination_type=kind, **options), inputs)
+    got = _combined_outputs(D, lambda: D.add_weighted_adapter(*args, combination_type=kind, **options), inputs)  # the public method
     with D.disable_adapter():
         base = _out(D, inputs)
     assert (expected - base).abs().max() > 1e-3  # the combination does something

@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Sequence, Union
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import injection, merging
+from . import injection, merging, weighted_adapter
 from .adapter_tensors import activate
 from .config import PeftConfig, TaskType
 from .host import AdapterHost, uses_checkpointing
@@ -226,6 +226,14 @@ class PeftModel(nn.Module):
                 return step(self, global_step)
         having = [m.peft_type.value for m in registered_methods() if getattr(m, "update_and_allocate", None)]
         raise ValueError(f"update_and_allocate needs an active adapter of a method that has this step: {having}")
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", **options) -> None:
+        """Add LoRA adapter ``adapter_name`` combining ``adapters`` with ``weights`` (peft's types: ``svd``,
+        ``linear``, ``cat``, ``ties``, ``dare_*``, ``magnitude_prune*``, ...); ``options``: ``svd_rank``,
+        ``svd_clamp``, ``svd_full_matrices``, ``svd_driver``, ``density``, ``majority_sign_method``,
+        ``generator``. See :func:`deltatune.weighted_adapter.add_weighted_adapter`."""
+        weighted_adapter.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **options)
 
     # ------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
