@@ -332,3 +332,18 @@ def test_inject_adapter_in_model_targets_the_modules_of_a_state_dict_as_peft_doe
         torch.testing.assert_close(main_output(model(**inputs)), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no adapter keys"):
         dt.inject_adapter_in_model(dt.LoraConfig(**config), tiny_llama(), state_dict={"score.weight": torch.zeros(1)})
+
+
+def test_delete_adapter_with_modules_to_save_held_by_another_adapter():
+    """Deleting an adapter that has no copy in a modules_to_save wrapper (another adapter's head) works,
+    and leaves the other adapter's copy and outputs as they were."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+    model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["0"], modules_to_save=["1"]))
+    model.add_adapter("other", dt.LoraConfig(r=2, target_modules=["0"]))
+    x = torch.randn(4, 8)
+    before = model(x)
+    model.delete_adapter("other")
+    assert list(model.peft_config) == ["default"]
+    assert list(model.base_model.model[1].modules_to_save) == ["default"]
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)

@@ -29,7 +29,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
 
     def delete_adapter(self, name: str) -> None:
-        self.modules_to_save.pop(name, None)
+        if name in self.modules_to_save:  # (nn.ModuleDict.pop takes no default)
+            del self.modules_to_save[name]
         if self.active == name:
             self.active = None
 
