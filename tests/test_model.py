@@ -347,3 +347,33 @@ def test_delete_adapter_with_modules_to_save_held_by_another_adapter():
     assert list(model.peft_config) == ["default"]
     assert list(model.base_model.model[1].modules_to_save) == ["default"]
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_loading_puts_the_model_in_eval_mode_unless_trainable(tmp_path, trainable):
+    """As peft: a loaded adapter (from_pretrained, load_adapter) leaves dropout off unless is_trainable;
+    a base with dropout then computes what the saved model computed in eval mode."""
+    torch.manual_seed(0)
+    def base():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+    saved = dt.get_peft_model(base(), dt.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    saved.save_pretrained(tmp_path)
+    saved.save_pretrained(tmp_path / "second_root", selected_adapters=["default"])
+    loaded = dt.PeftModel.from_pretrained(base().train(), str(tmp_path), is_trainable=trainable)
+    assert loaded.training is trainable and loaded.base_model.model[1].training is trainable
+    loaded.train()
+    result = loaded.load_adapter(str(tmp_path / "second_root"), "second", is_trainable=trainable)
+    assert loaded.training is trainable
+    assert list(result.missing_keys) == [] and list(result.unexpected_keys) == []
+    if not trainable:
+        x = torch.randn(5, 8)
+        torch.testing.assert_close(loaded(x), saved.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["a/b", "/tmp/evil", "..", "a\\b", ""])
+def test_adapter_names_that_would_leave_the_save_folder_are_refused(name):
+    model = dt.get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), dt.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="adapter name"):
+        model.add_adapter(name, dt.LoraConfig(r=2, target_modules=["0"]))
+    assert list(model.peft_config) == ["default"]

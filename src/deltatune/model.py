@@ -21,8 +21,10 @@ from .registry import PromptMethod, get_method, registered_methods, task_model
 
 
 def _check_adapter_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    # Names become folder names when saving (non-default adapters go into a sub-folder named after them):
+    # a separator or a dot could write outside the save folder.
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\") or "\x00" in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
 
 
 class PeftModel(nn.Module):
@@ -352,14 +354,18 @@ class PeftModel(nn.Module):
         except Exception:
             undo()
             raise
+        if not is_trainable:  # as peft: dropout off by default for a loaded adapter
+            peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      subfolder: Optional[str] = None, revision: Optional[str] = None,
                      autocast_adapter_dtype: Optional[bool] = None, low_cpu_mem_usage: bool = False,
                      key_mapping: Optional[dict[str, str]] = None, ephemeral_gpu_offload: bool = False,
-                     **hub_kwargs) -> None:
-        """Load another saved adapter next to the existing ones (it is not activated); the options are
+                     **hub_kwargs) -> ckpt.LoadResult:
+        """Load another saved adapter next to the existing ones (it is not activated) and return the load
+        result (``missing_keys``, ``unexpected_keys``); without ``is_trainable`` the model is put in eval
+        mode, as peft does. The options are
         those of :meth:`from_pretrained`."""
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
@@ -370,13 +376,17 @@ class PeftModel(nn.Module):
         undo = injection.Undo(self)  # this PeftModel and its model as they are before the adapter goes in
         self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
         try:
-            self._load_weights(weights, adapter_name)
+            result = self._load_weights(weights, adapter_name)
         except Exception:
             del self.peft_config[adapter_name]
             undo()
             raise
+        if not is_trainable:  # as peft: dropout off by default for a loaded adapter
+            self.eval()
+        return result
 
-    def _load_weights(self, weights: dict, adapter_name: str) -> None:
+    def _load_weights(self, weights: dict, adapter_name: str) -> ckpt.LoadResult:
         bias = getattr(self.peft_config[adapter_name], "bias", "none")
         result = ckpt.load_into(self, ckpt.from_peft_keys(self, weights, adapter_name), adapter_name, bias)
         ckpt.warn_missing(result.missing_keys, adapter_name)
+        return result
