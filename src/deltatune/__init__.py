@@ -2,6 +2,7 @@
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, PeftConfig, PeftType, TaskType
+from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .mapping import (
     get_peft_model,
     get_peft_model_state_dict,
@@ -51,7 +52,9 @@ __all__ = [
     "TaskType",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "hotswap_adapter",
     "inject_adapter_in_model",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
     "set_peft_model_state_dict",
 ]

@@ -56,7 +56,8 @@ class Entry:
 
     Attributes:
         sources: The tensors (identity checks), ``None`` where absent (no bias, no magnitude).
-        stamp: Their versions and data addresses, and the adapter's scaling.
+        stamp: Their versions and data addresses, and the adapter's scaling (a tensor scaling: the tensor
+            and its version).
         keep: Their data, kept alive so that no other tensor can take one of the addresses in ``stamp``.
         norm: DoRA's detached ``||W + s B A||`` per output channel, ``(out,)``.
         factors: The no-grad path's :class:`Factors`, built for ``factors_dtype`` inputs.
@@ -94,7 +95,7 @@ class LayerCache:
     def is_empty(self) -> bool:
         return not self.entries and self.base is None
 
-    def lookup(self, owner, tensors: tuple, scaling: float = 0.0) -> Optional[Entry]:
+    def lookup(self, owner, tensors: tuple, scaling=0.0) -> Optional[Entry]:
         """The valid entry of ``owner`` (an adapter module, or None for the base entry) for ``tensors``, a
         fresh empty one if the old one is stale, or None when nothing may be cached now."""
         if torch.compiler.is_compiling():
@@ -156,5 +157,7 @@ def _clearer(cache_ref):
     return clear
 
 
-def _stamp(tensors: tuple, scaling: float) -> tuple:
-    return tuple((t._version, t.data_ptr()) if t is not None else None for t in tensors) + (scaling,)
+def _stamp(tensors: tuple, scaling) -> tuple:
+    # A tensor scaling (a model prepared for hot-swapping) is changed in place: its version says when.
+    scale = scaling if scaling.__class__ is not torch.Tensor else (scaling, scaling._version)
+    return tuple((t._version, t.data_ptr()) if t is not None else None for t in tensors) + (scale,)

@@ -33,6 +33,10 @@ class LoraAdapter(nn.Module):
         lora_A: ``(r, in, *kernel)`` (embeddings: ``(r, num_embeddings)``).
         lora_B: ``(out, r, *ones)`` (embeddings: ``(dim, r)``).
         lora_magnitude_vector: DoRA's ``m``, one per output channel (None for plain LoRA).
+        r: The rank of ``lora_A`` / ``lora_B`` as stored (after :meth:`pad_rank`, the padded rank).
+        scaling: ``s``, a Python float; a 0-d float tensor once :meth:`use_tensor_scaling` was called (a
+            model prepared for compiled hot-swapping), so that a new value reaches a compiled graph
+            without recompiling it (a float is a constant the graph is specialised on).
         variant: The :class:`~.variants.LoraVariant` that states what the adapter computes.
         merge_norm: DoRA's norm at merge time, while merged (undoing the merge needs exactly that one).
         wrote_residual: Whether a PiSSA/OLoRA initialisation wrote ``W - s B A`` into the base weight.
@@ -53,6 +57,59 @@ class LoraAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout:g}, {self.variant.name}"
+
+    # ------------------------------------------------------------------ hot-swapping (see deltatune.hotswap)
+    def use_tensor_scaling(self) -> None:
+        """Hold the scaling as a 0-d tensor on ``lora_A``'s device from now on (float64 adapters: float64,
+        else float32; a 0-d operand never changes the result dtype). It is a plain attribute, not a buffer:
+        it stays out of state dicts and ``model.half()`` does not round it (see :meth:`_apply`)."""
+        if not isinstance(self.scaling, Tensor):
+            dtype = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
+            self.scaling = torch.tensor(self.scaling, dtype=dtype, device=self.lora_A.device)
+
+    def set_scaling(self, value: float) -> None:
+        """Set ``s``; a tensor scaling is written in place, so a compiled graph reading it sees the new value."""
+        if isinstance(self.scaling, Tensor):
+            with torch.no_grad():
+                self.scaling.fill_(value)
+        else:
+            self.scaling = float(value)
+
+    def pad_rank(self, r: int) -> None:
+        """Grow the rank to ``r`` with zero rows of ``A`` and zero columns of ``B`` (``B A`` is unchanged).
+        The tensors are new parameters (same ``requires_grad``): an optimizer holding the old ones must be
+        made again."""
+        if r < self.r:
+            raise ValueError(f"cannot pad an adapter of rank {self.r} to the smaller rank {r}")
+        if r == self.r:
+            return
+        for role, dim in (("lora_A", 0), ("lora_B", 1)):
+            old = self._parameters[role]
+            shape = list(old.shape)
+            shape[dim] = r
+            new = old.new_zeros(shape)
+            new.narrow(dim, 0, self.r).copy_(old.detach())
+            self._parameters[role] = nn.Parameter(new, requires_grad=old.requires_grad)
+        self.r = r
+
+    def write_factors(self, A: Optional[Tensor], B: Optional[Tensor]) -> None:
+        """Overwrite ``A`` and ``B`` in place with factors of rank ``A.shape[0] <= r``, zero-padded; None for
+        both: a zero update. Shapes are the caller's to check (:mod:`deltatune.hotswap` checks them all
+        before it writes anything)."""
+        with torch.no_grad():
+            self.lora_A.zero_()
+            self.lora_B.zero_()
+            if A is not None:
+                self.lora_A.narrow(0, 0, A.shape[0]).copy_(A)
+                self.lora_B.narrow(1, 0, B.shape[1]).copy_(B)
+
+    def _apply(self, fn, recurse=True):
+        # A tensor scaling follows the adapter to its device but keeps its dtype: it is not a parameter or
+        # buffer, so nn.Module would leave it where it was (and a buffer would be rounded by .half()).
+        super()._apply(fn, recurse)
+        if isinstance(self.scaling, Tensor) and self.scaling.device != self.lora_A.device:
+            self.scaling = self.scaling.to(self.lora_A.device)
+        return self
 
 
 def adapter_dtype(weight: Tensor, autocast_adapter_dtype: bool = True) -> torch.dtype:
