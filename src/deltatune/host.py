@@ -9,15 +9,101 @@ Structure (it fixes the checkpoint key prefix ``base_model.model.``)::
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
+
+from . import injection
+from .registry import get_method
 
 
 class AdapterHost(nn.Module):
-    """Holds the adapted model as ``.model`` (peft's ``LoraModel`` position); attributes fall through."""
+    """Holds the adapted model as ``.model`` (peft's ``LoraModel`` position); attributes fall through.
 
-    def __init__(self, model: nn.Module):
+    It is also peft's tuner model for code written for peft, which calls ``model.base_model.<method>``:
+    ``peft_config``, ``prefix``, ``active_adapters``, ``set_adapter``, ``delete_adapter``,
+    ``merge_adapter``/``unmerge_adapter``, ``merge_and_unload``, ``unload``,
+    ``disable_adapter_layers``/``enable_adapter_layers``, ``add_weighted_adapter`` and
+    ``update_and_allocate`` act on the :class:`~deltatune.PeftModel` that owns this host (without these, the
+    names would fall through to the transformers model's own PEFT integration).
+    """
+
+    def __init__(self, model: nn.Module, owner: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
+        # Not a submodule (no cycle in modules() or the state dict); copies and pickles keep the pairing,
+        # since deepcopy and pickle resolve the reference through their memo.
+        object.__setattr__(self, "_owner", owner)
+
+    def _peft_model(self) -> nn.Module:
+        owner = self.__dict__.get("_owner")
+        if owner is None:
+            raise AttributeError("this AdapterHost belongs to no PeftModel")
+        return owner
+
+    # ------------------------------------------------------------------ peft's tuner-model surface
+    @property
+    def peft_config(self) -> dict:
+        return self._peft_model().peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self._peft_model().active_adapters
+
+    @property
+    def active_adapter(self):
+        return self._peft_model().active_adapter
+
+    @property
+    def prefix(self) -> str:
+        """What the adapter tensors' names start with (``"lora_"``, ``"ia3_"``), from the adapters' method."""
+        prefixes = {getattr(get_method(c.peft_type), "prefix", None) for c in self.peft_config.values()} - {None}
+        if len(prefixes) != 1:
+            raise AttributeError(f"no single tuner prefix for adapters of types "
+                                 f"{sorted({c.peft_type.value for c in self.peft_config.values()})}")
+        return prefixes.pop()
+
+    def set_adapter(self, adapter_name) -> None:
+        self._peft_model().set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._peft_model().delete_adapter(adapter_name)
+
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        self._peft_model().merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self._peft_model().unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        return self._peft_model().merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self._peft_model().unload()
+
+    def add_weighted_adapter(self, *args, **kwargs) -> None:
+        self._peft_model().add_weighted_adapter(*args, **kwargs)
+
+    def update_and_allocate(self, global_step: int) -> None:
+        self._peft_model().update_and_allocate(global_step)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone until :meth:`enable_adapter_layers` (merged adapters are unmerged
+        first, with a warning, as ``disable_adapter`` does)."""
+        self._set_layers_enabled(False)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_layers_enabled(True)
+
+    def _set_layers_enabled(self, enabled: bool) -> None:
+        owner = self._peft_model()
+        if owner._prompt_names():
+            raise ValueError("prompt-learning adapters have no adapter layers to switch; use "
+                             "`with model.disable_adapter():` instead")
+        if not enabled:
+            owner._unmerge_first("disable_adapter_layers")
+        for _, module in list(injection.adapter_layers(self.model)) + list(injection.saved_module_wrappers(self.model)):
+            module.set_disabled(not enabled)
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

@@ -43,7 +43,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
         super().__init__()
-        self.base_model = AdapterHost(model)
+        self.base_model = AdapterHost(model, owner=self)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         self._prompt_off = False

@@ -50,6 +50,7 @@ class Method:
         rank_role: The role whose tensors have the adapter's rank as dimension 0 (for reports such as
             ``deltatune inspect``); None if the method has no rank.
         update_and_allocate: See the field's comment.
+        prefix: What its adapter tensors' names start with (peft's tuner ``prefix``: ``"lora_"``, ...).
     """
 
     peft_type: PeftType
@@ -66,6 +67,7 @@ class Method:
     #: Optional ``(peft_model, global_step) -> None`` behind ``PeftModel.update_and_allocate``, called
     #: after each optimizer step (e.g. AdaLoRA's importance scores and rank budget).
     update_and_allocate: Optional[Callable] = None
+    prefix: Optional[str] = None
 
 
 @dataclass(frozen=True)

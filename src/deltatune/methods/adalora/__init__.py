@@ -25,6 +25,7 @@ def _add_orth_loss(peft_model, outputs, config: AdaLoraConfig, adapter_name: str
 
 register(Method(PeftType.ADALORA, AdaLoraConfig, SVDLinear, wrap_module, _add_adapter, is_linear,
                 adjust_output=_add_orth_loss, rank_role="lora_A", update_and_allocate=update_and_allocate,
-                checkpoint_keys={"adalora": {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"}}))
+                checkpoint_keys={"adalora": {"lora_A": "lora_A", "lora_B": "lora_B", "lora_E": "lora_E"}},
+                prefix="lora_"))
 
 __all__ = ["AdaLoraConfig", "RankAllocator", "SVDLinear", "update_and_allocate"]

@@ -13,6 +13,6 @@ def _add_adapter(layer: IA3Layer, module_name: str, adapter_name: str, config: I
 
 
 register(Method(PeftType.IA3, IA3Config, IA3Layer, wrap_module, _add_adapter, is_linear,
-                checkpoint_keys={"ia3": {"ia3_l": "ia3_l"}}))
+                checkpoint_keys={"ia3": {"ia3_l": "ia3_l"}}, prefix="ia3_"))
 
 __all__ = ["IA3Config", "IA3Layer"]

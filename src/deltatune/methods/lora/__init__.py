@@ -28,6 +28,6 @@ CHECKPOINT_KEYS = {
 }
 
 register(Method(PeftType.LORA, LoraConfig, LoraLayer, wrap_module, _add_adapter, is_linear,
-                checkpoint_keys=CHECKPOINT_KEYS, rank_role="lora_A"))
+                checkpoint_keys=CHECKPOINT_KEYS, rank_role="lora_A", prefix="lora_"))
 
 __all__ = ["DoRAConfig", "LoraConfig", "LoraLayer"]
