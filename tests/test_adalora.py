@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import deltatune as dt
-from conftest import text_inputs, tiny_llama
+from conftest import main_output, text_inputs, tiny_llama
 
 KW = dict(task_type="CAUSAL_LM", init_r=6, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=8,
           target_modules=["q_proj", "v_proj"], lora_alpha=8)
@@ -109,3 +109,17 @@ def test_orthogonal_regulariser_is_in_the_training_loss():
 def test_bad_configs(changes, field):
     with pytest.raises(dt.ConfigError, match=field):
         dt.AdaLoraConfig(**{**KW, **changes})
+
+
+def test_a_peft_adapter_saved_before_any_allocation_loads(tmp_path):
+    """A checkpoint written during warm-up (peft writes ``rank_pattern: null``) loads with init_r triplets
+    and gives peft's outputs."""
+    config = dict(init_r=6, target_r=2, tinit=1, tfinal=1, deltaT=1, total_step=4, target_modules=["q_proj", "v_proj"],
+                  init_lora_weights=False)
+    pm = peft.get_peft_model(tiny_llama(), peft.AdaLoraConfig(**config)).eval()
+    pm.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"] is None
+    dm = dt.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    inputs = text_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(dm(**inputs)), main_output(pm(**inputs)), rtol=1e-5, atol=1e-5)

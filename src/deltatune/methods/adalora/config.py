@@ -60,5 +60,5 @@ class AdaLoraConfig(LoraConfig):
 
     def rank_for(self, module_name: str) -> int:
         """Triplets to create: ``init_r``, or as many as the saved rank pattern kept."""
-        mask = self.rank_pattern.get(f"{module_name}.lora_E")
+        mask = (self.rank_pattern or {}).get(f"{module_name}.lora_E")  # (peft writes null before any allocation)
         return self.init_r if mask is None else max(int(sum(mask)), 1)
