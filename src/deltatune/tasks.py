@@ -6,11 +6,42 @@ Each wrapper registers itself for its ``TaskType`` (``registry.register_task_mod
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 from .config import TaskType
 from .model import PeftModel
 from .registry import get_method, register_task_model, task_model
+
+
+_COMMON = ("attention_mask", "inputs_embeds")
+_OUTPUTS = ("output_attentions", "output_hidden_states", "return_dict", "task_ids")
+
+
+def _forward_with(names: tuple[str, ...]):
+    """A ``forward`` whose signature names its task's arguments (``input_ids`` first, then ``names``), as
+    transformers models' forwards do: transformers' ``Trainer`` keeps the dataset columns the model's
+    forward names (a ``*args, **kwargs`` forward would make it drop them all).
+
+    The arguments given (not None) go on to :meth:`PeftModel.forward`: ``input_ids`` positionally (the
+    first argument of transformers models, and of a module called as ``model(x)``), the rest by name, so
+    a base model without, say, ``inputs_embeds`` is never handed one.
+    """
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    signature = inspect.Signature(
+        [inspect.Parameter("self", kind)] + [inspect.Parameter(n, kind, default=None) for n in ("input_ids",) + names]
+        + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+
+    def forward(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        given = {k: v for k, v in arguments.items() if k not in ("self", "kwargs") and v is not None}
+        input_ids = given.pop("input_ids", None)
+        return PeftModel.forward(self, *(() if input_ids is None else (input_ids,)), **given,
+                                 **arguments.get("kwargs", {}))
+
+    forward.__signature__ = signature
+    forward.__doc__ = f"The base model's forward with the active adapters; arguments as transformers names them: {', '.join(('input_ids',) + names)}."
+    return forward
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -19,6 +50,7 @@ class PeftModelForCausalLM(PeftModel):
 
     #: Encoder-decoder models put prefixes into the decoder and return only decoder tokens from generate.
     _encoder_decoder = False
+    forward = _forward_with(_COMMON + ("labels",) + _OUTPUTS)
 
     def generate(self, *args, **kwargs):
         prompt = self._active_prompt()
@@ -35,24 +67,31 @@ class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
     into the decoder's self-attention, and ``generate`` returns decoder tokens, as without adapters."""
 
     _encoder_decoder = True
+    forward = _forward_with(_COMMON + ("decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds", "labels")
+                            + _OUTPUTS)
 
 
 class PeftModelForSequenceClassification(PeftModel):
     """Sequence classification; the new head (``classifier``/``score``) is trained in full."""
 
     default_modules_to_save = ("classifier", "score")
+    forward = _forward_with(_COMMON + ("labels",) + _OUTPUTS)
 
 
 class PeftModelForTokenClassification(PeftModel):
     default_modules_to_save = ("classifier", "score")
+    forward = _forward_with(_COMMON + ("labels",) + _OUTPUTS)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
     default_modules_to_save = ("qa_outputs",)
+    forward = _forward_with(_COMMON + ("token_type_ids", "position_ids", "start_positions", "end_positions") + _OUTPUTS)
 
 
 class PeftModelForFeatureExtraction(PeftModel):
     """Encoders used for embeddings / as backbones."""
+
+    forward = _forward_with(_COMMON + _OUTPUTS)
 
 
 register_task_model(TaskType.CAUSAL_LM, PeftModelForCausalLM)
