@@ -159,5 +159,5 @@ def _clearer(cache_ref):
 
 def _stamp(tensors: tuple, scaling) -> tuple:
     # A tensor scaling (a model prepared for hot-swapping) is changed in place: its version says when.
-    scale = scaling if scaling.__class__ is not torch.Tensor else (scaling, scaling._version)
+    scale = scaling if scaling.__class__ is not Tensor else (scaling, scaling._version)
     return tuple((t._version, t.data_ptr()) if t is not None else None for t in tensors) + (scale,)
