@@ -30,8 +30,8 @@ def _fold_pays(tokens: int, weight: Tensor) -> bool:
 
 
 def _factors(layer, ad, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """The adapter's cached factors for ``x``, or None where this route does not apply (dropout due in
-    training mode, nothing cacheable, ``x`` in another dtype than the base weight)."""
+    """The adapter's factors for ``x``, or None where this route does not apply (dropout due in training
+    mode, ``x`` in another dtype than the base weight)."""
     if (layer.training and ad.dropout > 0.0) or x.dtype is not weight.dtype:
         return None
     return ad.variant.factors(layer, ad, weight, bias, x.dtype)
@@ -40,7 +40,7 @@ def _factors(layer, ad, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
 def _folded_weight(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run) -> Optional[Tensor]:
     """A temporary ``W'`` with ``x W'^T + b`` equal to the base with every adapter of ``run`` applied in
     order: ``W' = scale * W' + (s scale B) A`` per adapter (``scale`` = 1 for LoRA; DoRA rescales everything
-    before it, as in :func:`forward`); None if one of them has no cached factors."""
+    before it, as in :func:`forward`); None if one of them has no factors here (dropout due)."""
     folded = weight
     for ad in run:
         f = _factors(layer, ad, x, weight, bias)
@@ -57,7 +57,7 @@ def forward(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run) -> Te
     temporary weight used for one GEMM and dropped, a merge that lasts one call. Otherwise a plain LoRA
     adapter first in ``run`` goes before the base: its ``(x A^T) (s B)^T`` is written first and the base
     GEMM accumulates into it, one read-write pass over the output fewer than adding it afterwards.
-    Adapters without cached factors go through the layer's general route.
+    Adapters this route does not apply to (dropout due in training mode) go through the general route.
 
     A decoded token spends as much time here on per-op overhead as on arithmetic (a few microseconds per
     op against a small matrix-vector product), so the common cases take as few ops as they can: LoRA three

@@ -52,15 +52,17 @@ class LoraVariant:
     def apply(self, layer, ad, out: Tensor, delta: Tensor) -> Tensor:
         return out + delta.to(out.dtype)
 
-    def factors(self, layer, ad, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Optional[Factors]:
+    def factors(self, layer, ad, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Factors:
         """The no-grad factors for inputs of ``dtype`` (cast once: half-precision bases with float32
-        adapters run the rank-r products in the base's dtype), from the layer's cache; None where nothing
-        may be cached (see :class:`~.cache.LayerCache`)."""
+        adapters run the rank-r products in the base's dtype), from the layer's cache; built for this call
+        alone where nothing may be cached (see :class:`~.cache.LayerCache`), so that the route's arithmetic,
+        and so its rounding, never depends on whether a cache was at hand."""
         params = ad._parameters  # (dict lookups: this runs per layer per decoded token)
         entry = layer.cache.lookup(ad, (params["lora_A"], params["lora_B"], params["lora_magnitude_vector"],
                                         weight, bias), ad.scaling)
         if entry is None:
-            return None
+            with torch.no_grad():
+                return self._build_factors(layer, ad, weight, bias, dtype)
         if entry.factors is None or entry.factors_dtype is not dtype:
             with torch.no_grad():
                 entry.factors = self._build_factors(layer, ad, weight, bias, dtype)
