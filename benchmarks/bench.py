@@ -1,7 +1,7 @@
 """Side-by-side benchmarks of deltatune and peft on the shared workload (see shared/BENCHMARKS.md).
 
     python benchmarks/bench.py                 # everything, prints a markdown table
-    python benchmarks/bench.py --only train    # one group: train | infer | memory | setup | io
+    python benchmarks/bench.py --only train    # one group: train | infer | half | memory | dora | setup | io | quant
     python benchmarks/bench.py --write         # also rewrite benchmarks/RESULTS.md
 
 Protocol: every figure is a ratio measured in one run. Contenders of a group are interleaved in a
@@ -15,6 +15,7 @@ import argparse
 import copy
 import datetime
 import gc
+import importlib
 import os
 import platform
 import random
@@ -28,6 +29,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+#: Contender name -> module (ab.py adds "prev": a previous deltatune checkout imported under another name).
+LIBRARIES = {"peft": "peft", "deltatune": "deltatune"}
 
 
 # ----------------------------------------------------------------------------- models
@@ -40,15 +43,18 @@ def llama(seed: int = 0, device=DEVICE):
     return LlamaForCausalLM(config).to(device)
 
 
-def adapted(lib: str, dropout: float = 0.0, dora: bool = False, seed: int = 0):
-    """The reference model with LoRA r=16, alpha=32 on all linear layers but the LM head."""
+def adapted(lib: str, dropout: float = 0.0, dora: bool = False, seed: int = 0, dtype=None):
+    """The reference model with LoRA r=16, alpha=32 on all linear layers but the LM head (``dtype``: the
+    base's dtype, e.g. bfloat16; adapters stay float32 in both libraries, their default)."""
     base = llama(seed)
+    if dtype is not None:
+        base = base.to(dtype)
     if lib == "base":
         for p in base.parameters():
             p.requires_grad_(False)
         base.enable_input_require_grads()  # the frozen-base step: input gradients flow, no weight grads
         return base
-    module = __import__("peft" if lib == "peft" else "deltatune")
+    module = importlib.import_module(LIBRARIES.get(lib, lib))
     kwargs = dict(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGETS)
     if dora:
         kwargs["use_dora"] = True
@@ -132,11 +138,7 @@ def group_train(rounds: int) -> list[tuple]:
 def group_infer(rounds: int) -> list[tuple]:
     ids = batch(32, 64)
     dt_model, peft_model = adapted("deltatune"), adapted("peft")
-    for m in (dt_model, peft_model):  # non-zero B, as after training
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.01)
+    _nonzero_b(dt_model, peft_model)
     dt_merged = copy.deepcopy(dt_model).merge_and_unload()
     peft_merged = copy.deepcopy(peft_model).merge_and_unload()
     base = llama()
@@ -145,6 +147,49 @@ def group_infer(rounds: int) -> list[tuple]:
     t = best_of(fns, rounds=rounds, reps=3)
     return [("unmerged LoRA forward / base forward (32x64)", t["deltatune"] / t["base"], t["peft"] / t["base"]),
             ("merged forward / base forward (32x64)", t["deltatune merged"] / t["base"], t["peft merged"] / t["base"])]
+
+
+def _nonzero_b(*models) -> None:
+    """Give B non-zero values, as after training (a zero B would let a library skip work)."""
+    for m in models:
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.01)
+
+
+def autocast_step_fn(model, ids):
+    """A train step with the forward under ``torch.autocast`` (bfloat16), as LLM recipes run it."""
+    step = train_step_fn(model, ids)
+
+    def run():
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            step()
+    return run
+
+
+def group_half(rounds: int) -> list[tuple]:
+    """A bfloat16 base with float32 adapters: unmerged eval forward, and the train step under autocast."""
+    bf16 = torch.bfloat16
+    ids = batch(32, 64)
+    dt_model, peft_model = adapted("deltatune", dtype=bf16), adapted("peft", dtype=bf16)
+    _nonzero_b(dt_model, peft_model)
+    fns = {"base": forward_fn(llama().to(bf16), ids), "deltatune": forward_fn(dt_model, ids),
+           "peft": forward_fn(peft_model, ids)}
+    t = best_of(fns, rounds=rounds, reps=3)
+    rows = [("bf16 base, fp32 adapters: unmerged forward / base forward (32x64)", t["deltatune"] / t["base"],
+             t["peft"] / t["base"])]
+    del fns, dt_model, peft_model
+    ids = batch(4, 256)
+    models = {"base": adapted("base", dtype=bf16), "deltatune": adapted("deltatune", dtype=bf16),
+              "peft": adapted("peft", dtype=bf16)}
+    for m in models.values():
+        m.train()
+    t = best_of({k: autocast_step_fn(m, ids) for k, m in models.items()}, rounds=rounds, reps=2)
+    rows.append(("bf16 base, fp32 adapters: train step under autocast / frozen-base step (4x256)",
+                 t["deltatune"] / t["base"], t["peft"] / t["base"]))
+    rows.append(("(bf16 frozen-base step under autocast, seconds)", t["base"], t["base"]))
+    return rows
 
 
 def _peak_rss_of(step) -> int:
@@ -341,7 +386,7 @@ def group_quant(rounds: int) -> list[tuple]:
     return rows
 
 
-GROUPS = {"train": group_train, "infer": group_infer, "memory": group_memory, "dora": group_dora,
+GROUPS = {"train": group_train, "infer": group_infer, "half": group_half, "memory": group_memory, "dora": group_dora,
           "setup": group_setup, "io": group_io, "quant": group_quant}
 
 

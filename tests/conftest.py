@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import pytest
@@ -204,3 +205,47 @@ def assert_prompt_and_head_train(model) -> None:
 @pytest.fixture
 def tmp_dir(tmp_path):
     return str(tmp_path)
+
+
+#: bitsandbytes settings by name, for the quantized tests (``load_llama64``).
+QUANT_CONFIGS = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    "fp4-double-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16),
+    "int8": dict(load_in_8bit=True),
+}
+
+
+@pytest.fixture(scope="session")
+def llama64_dir(tmp_path_factory):
+    """A saved tiny Llama for the quantized tests: hidden 64, intermediate 128 (bitsandbytes' CPU 4-bit path
+    packs blocks of 64 inputs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    path = tmp_path_factory.mktemp("llama64")
+    model.save_pretrained(path)
+    return str(path)
+
+
+def load_llama64(model_dir, quant=None):
+    """The saved tiny Llama in float32, or quantized with ``QUANT_CONFIGS[quant]``, in eval mode."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if quant is None:
+            return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, quantization_config=BitsAndBytesConfig(**QUANT_CONFIGS[quant]), device_map="cpu").eval()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: dynamo caches compiled code per code object (8 entries, e.g. for
+    PeftModel.forward), and other tests' models would fill that cache and make the next compile fail."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()

@@ -2,49 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
 
 import peft
 import pytest
 import torch
 
 import deltatune as dt
-from conftest import random_lora
+from conftest import QUANT_CONFIGS, load_llama64, random_lora
 
 bnb = pytest.importorskip("bitsandbytes")  # installed by the test extra; CI always runs these
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-QUANT = {
-    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-    "fp4-double-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
-                            bnb_4bit_compute_dtype=torch.bfloat16),
-    "int8": dict(load_in_8bit=True),
-}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)  # hidden 64: bitsandbytes' CPU 4-bit path packs blocks of 64 inputs
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
-    path = tmp_path_factory.mktemp("llama64")
-    model.save_pretrained(path)
-    return str(path)
-
-
-def load(model_dir, quant=None):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if quant is None:
-            return AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**QUANT[quant]),
-                                                    device_map="cpu").eval()
-
-
+QUANT = list(QUANT_CONFIGS)  # every bitsandbytes setting of conftest.QUANT_CONFIGS
 IDS = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
@@ -54,9 +23,9 @@ def logits(model):
 
 
 
-@pytest.mark.parametrize("quant", list(QUANT))
-def test_qlora_training_lowers_the_loss_and_only_adapters_learn(model_dir, quant):
-    model = dt.prepare_model_for_kbit_training(load(model_dir, quant))
+@pytest.mark.parametrize("quant", QUANT)
+def test_qlora_training_lowers_the_loss_and_only_adapters_learn(llama64_dir, quant):
+    model = dt.prepare_model_for_kbit_training(load_llama64(llama64_dir, quant))
     model = dt.get_peft_model(model, dt.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=TARGETS))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer.base_layer).__name__ in ("Linear4bit", "Linear8bitLt")
@@ -76,12 +45,12 @@ def test_qlora_training_lowers_the_loss_and_only_adapters_learn(model_dir, quant
 
 
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
-def test_merge_into_a_quantized_base_requantizes(model_dir, quant):
-    model = dt.get_peft_model(load(model_dir, quant), dt.LoraConfig(r=8, target_modules=TARGETS))
+def test_merge_into_a_quantized_base_requantizes(llama64_dir, quant):
+    model = dt.get_peft_model(load_llama64(llama64_dir, quant), dt.LoraConfig(r=8, target_modules=TARGETS))
     random_lora(model, scale=0.05)
     unmerged = logits(model)
-    adapter_effect = (unmerged - logits(load(model_dir, quant))).abs().max().item()
-    quant_error = (logits(load(model_dir)) - logits(load(model_dir, quant))).abs().max().item()
+    adapter_effect = (unmerged - logits(load_llama64(llama64_dir, quant))).abs().max().item()
+    quant_error = (logits(load_llama64(llama64_dir)) - logits(load_llama64(llama64_dir, quant))).abs().max().item()
     with pytest.warns(UserWarning, match="quantizes again"):
         merged = model.merge_and_unload()
     assert type(merged.model.layers[0].self_attn.q_proj).__name__ in ("Linear4bit", "Linear8bitLt")
@@ -93,25 +62,25 @@ def test_merge_into_a_quantized_base_requantizes(model_dir, quant):
     assert diff <= 3 * quant_error  # one more rounding to the quantization grid, nothing more
 
 
-def test_adapter_moves_between_4bit_and_float_bases_and_matches_peft(model_dir, tmp_path):
-    q_model = dt.get_peft_model(load(model_dir, "nf4"), dt.LoraConfig(r=8, target_modules=TARGETS))
+def test_adapter_moves_between_4bit_and_float_bases_and_matches_peft(llama64_dir, tmp_path):
+    q_model = dt.get_peft_model(load_llama64(llama64_dir, "nf4"), dt.LoraConfig(r=8, target_modules=TARGETS))
     random_lora(q_model, scale=0.05)
     q_out = logits(q_model)
     q_model.save_pretrained(str(tmp_path))
     # The same adapter on the float32 base: within the base's own quantization error.
-    f_out = logits(dt.PeftModel.from_pretrained(load(model_dir), str(tmp_path)))
-    base_error = (logits(load(model_dir)) - logits(load(model_dir, "nf4"))).abs().max().item()
+    f_out = logits(dt.PeftModel.from_pretrained(load_llama64(llama64_dir), str(tmp_path)))
+    base_error = (logits(load_llama64(llama64_dir)) - logits(load_llama64(llama64_dir, "nf4"))).abs().max().item()
     assert (f_out - q_out).abs().max().item() <= 1.5 * base_error + 1e-4
     # peft with the same adapter on the same 4-bit base gives the same outputs.
-    p_out = logits(peft.PeftModel.from_pretrained(load(model_dir, "nf4"), str(tmp_path)))
+    p_out = logits(peft.PeftModel.from_pretrained(load_llama64(llama64_dir, "nf4"), str(tmp_path)))
     torch.testing.assert_close(q_out, p_out, rtol=0, atol=1e-5)
 
 
-def test_dora_on_a_4bit_base_matches_peft(model_dir):
-    pm = peft.get_peft_model(load(model_dir, "nf4"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+def test_dora_on_a_4bit_base_matches_peft(llama64_dir):
+    pm = peft.get_peft_model(load_llama64(llama64_dir, "nf4"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                      use_dora=True, init_lora_weights=False))
     random_lora(pm, seed=3, scale=0.05)
-    dm = dt.get_peft_model(load(model_dir, "nf4"), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    dm = dt.get_peft_model(load_llama64(llama64_dir, "nf4"), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
     dt.set_peft_model_state_dict(dm, peft.get_peft_model_state_dict(pm))
     # Train mode first: bitsandbytes repacks 4-bit weights for its CPU kernel after an eval-mode forward,
     # and peft 0.21 then dequantizes that layout as is (scrambled norms); deltatune unpacks it.
@@ -119,15 +88,15 @@ def test_dora_on_a_4bit_base_matches_peft(model_dir):
     want = pm(input_ids=IDS).logits.detach()
     torch.testing.assert_close(dm(input_ids=IDS).logits.detach(), want, rtol=0, atol=1e-5)
     # After the repack bitsandbytes runs another CPU kernel whose rounding differs; measure it on the base.
-    base = load(model_dir, "nf4").train()
+    base = load_llama64(llama64_dir, "nf4").train()
     kernel_diff = (base(input_ids=IDS).logits.detach() - logits(base.eval())).abs().max().item()
     dm.eval()
     assert (logits(dm) - want).abs().max().item() <= 2 * kernel_diff + 1e-5
 
 
-def test_parameter_counts_unpack_4bit(model_dir):
-    f_model = dt.get_peft_model(load(model_dir), dt.LoraConfig(r=8, target_modules=TARGETS))
-    q_model = dt.get_peft_model(load(model_dir, "nf4"), dt.LoraConfig(r=8, target_modules=TARGETS))
+def test_parameter_counts_unpack_4bit(llama64_dir):
+    f_model = dt.get_peft_model(load_llama64(llama64_dir), dt.LoraConfig(r=8, target_modules=TARGETS))
+    q_model = dt.get_peft_model(load_llama64(llama64_dir, "nf4"), dt.LoraConfig(r=8, target_modules=TARGETS))
     assert q_model.get_nb_trainable_parameters() == f_model.get_nb_trainable_parameters()
-    pm = peft.get_peft_model(load(model_dir, "nf4"), peft.LoraConfig(r=8, target_modules=TARGETS))
+    pm = peft.get_peft_model(load_llama64(llama64_dir, "nf4"), peft.LoraConfig(r=8, target_modules=TARGETS))
     assert q_model.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()

@@ -3,7 +3,6 @@ formulas on the dequantized weight, gradients, merging, and peft on the same qua
 
 from __future__ import annotations
 
-import warnings
 
 import peft
 import pytest
@@ -11,42 +10,17 @@ import torch
 import torch.nn.functional as F
 
 import deltatune as dt
+from conftest import load_llama64
 from deltatune.adapter_layer import read_weight
 
 bnb = pytest.importorskip("bitsandbytes")
 
-QUANT = {
-    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-    "int8": dict(load_in_8bit=True),
-}
+QUANT = ["nf4", "int8"]  # (settings in conftest.QUANT_CONFIGS)
 IA3_KW = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
               init_ia3_weights=False)
 ADALORA_KW = dict(target_modules=["q_proj", "v_proj", "down_proj"], init_r=6, target_r=2, tinit=1, tfinal=2,
                   deltaT=1, total_step=8, lora_alpha=8)
 IDS = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)  # hidden 64, intermediate 128: bitsandbytes' CPU 4-bit path packs blocks of 64 inputs
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
-    path = tmp_path_factory.mktemp("llama64")
-    model.save_pretrained(path)
-    return str(path)
-
-
-def load(model_dir, quant=None):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if quant is None:
-            return AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(**QUANT[quant]),
-                                                    device_map="cpu").eval()
 
 
 def logits(model):
@@ -63,14 +37,14 @@ def randomize(model, seed=0, scale=0.3, around=0.0):
                 p.copy_(around + scale * torch.randn(p.shape, generator=g))
 
 
-def ia3_model(model_dir, quant):
-    model = dt.get_peft_model(load(model_dir, quant), dt.IA3Config(**IA3_KW))
+def ia3_model(llama64_dir, quant):
+    model = dt.get_peft_model(load_llama64(llama64_dir, quant), dt.IA3Config(**IA3_KW))
     randomize(model, around=1.0)
     return model
 
 
-def adalora_model(model_dir, quant):
-    model = dt.get_peft_model(load(model_dir, quant), dt.AdaLoraConfig(**ADALORA_KW))
+def adalora_model(llama64_dir, quant):
+    model = dt.get_peft_model(load_llama64(llama64_dir, quant), dt.AdaLoraConfig(**ADALORA_KW))
     randomize(model, scale=0.2)
     return model
 
@@ -91,9 +65,9 @@ def kernel_error(base, x):
 
 
 # ---------------------------------------------------------------------------------------------- (IA)^3
-@pytest.mark.parametrize("quant", list(QUANT))
-def test_ia3_vectors_have_the_logical_sizes(model_dir, quant):
-    model = ia3_model(model_dir, quant)
+@pytest.mark.parametrize("quant", QUANT)
+def test_ia3_vectors_have_the_logical_sizes(llama64_dir, quant):
+    model = ia3_model(llama64_dir, quant)
     k, down = attn(model).k_proj, mlp(model).down_proj
     assert type(k.base_layer).__name__ in ("Linear4bit", "Linear8bitLt")
     assert (k.in_features, k.out_features) == (64, 32)  # 2 kv heads of 16
@@ -102,9 +76,9 @@ def test_ia3_vectors_have_the_logical_sizes(model_dir, quant):
     assert model.get_nb_trainable_parameters()[0] == 2 * (32 + 32 + 128)
 
 
-@pytest.mark.parametrize("quant", list(QUANT))
-def test_ia3_forward_is_the_formula_on_the_dequantized_weight(model_dir, quant):
-    model = ia3_model(model_dir, quant)
+@pytest.mark.parametrize("quant", QUANT)
+def test_ia3_forward_is_the_formula_on_the_dequantized_weight(llama64_dir, quant):
+    model = ia3_model(llama64_dir, quant)
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2))
     h = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(3))
     k, down = attn(model).k_proj, mlp(model).down_proj
@@ -120,12 +94,12 @@ def test_ia3_forward_is_the_formula_on_the_dequantized_weight(model_dir, quant):
         tol_d = kernel_error(down.base_layer, h * l_in) + 1e-5
         assert (k(x) - F.linear(x, W_k) * l_out).abs().max().item() <= tol_k
         assert (down(h) - F.linear(h * l_in, W_d)).abs().max().item() <= tol_d
-    assert not torch.allclose(logits(model), logits(load(model_dir, quant)), atol=1e-3)  # the vectors act
+    assert not torch.allclose(logits(model), logits(load_llama64(llama64_dir, quant)), atol=1e-3)  # the vectors act
 
 
-@pytest.mark.parametrize("quant", list(QUANT))
-def test_ia3_gradients_reach_the_vectors(model_dir, quant):
-    model = ia3_model(model_dir, quant)
+@pytest.mark.parametrize("quant", QUANT)
+def test_ia3_gradients_reach_the_vectors(llama64_dir, quant):
+    model = ia3_model(llama64_dir, quant)
     model.train()
     k = attn(model).k_proj
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2))
@@ -143,11 +117,11 @@ def test_ia3_gradients_reach_the_vectors(model_dir, quant):
     assert all("ia3_l" in n for n in with_grad) and len(with_grad) == 6
 
 
-@pytest.mark.parametrize("quant", list(QUANT))
-def test_ia3_merge_requantizes_and_unmerge_restores(model_dir, quant):
-    model = ia3_model(model_dir, quant)
+@pytest.mark.parametrize("quant", QUANT)
+def test_ia3_merge_requantizes_and_unmerge_restores(llama64_dir, quant):
+    model = ia3_model(llama64_dir, quant)
     unmerged = logits(model)
-    quant_error = (logits(load(model_dir)) - logits(load(model_dir, quant))).abs().max().item()
+    quant_error = (logits(load_llama64(llama64_dir)) - logits(load_llama64(llama64_dir, quant))).abs().max().item()
     k = attn(model).k_proj
     W0, b_none = read_weight(k.base_layer).clone(), k.base_layer.bias is None
     l = k.adapters["default"].ia3_l.detach().reshape(-1)
@@ -166,20 +140,20 @@ def test_ia3_merge_requantizes_and_unmerge_restores(model_dir, quant):
     assert (logits(model) - unmerged).abs().max().item() <= 3 * quant_error
 
 
-@pytest.mark.parametrize("quant", list(QUANT))
-def test_ia3_matches_peft_on_the_same_quantized_model(model_dir, quant, tmp_path):
-    model = ia3_model(model_dir, quant)
+@pytest.mark.parametrize("quant", QUANT)
+def test_ia3_matches_peft_on_the_same_quantized_model(llama64_dir, quant, tmp_path):
+    model = ia3_model(llama64_dir, quant)
     want = logits(model)
     model.save_pretrained(str(tmp_path))
-    pm = peft.PeftModel.from_pretrained(load(model_dir, quant), str(tmp_path))
+    pm = peft.PeftModel.from_pretrained(load_llama64(llama64_dir, quant), str(tmp_path))
     assert type(pm.base_model.model.model.layers[0].self_attn.k_proj).__module__.startswith("peft.tuners.ia3.bnb")
     torch.testing.assert_close(logits(pm), want, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- AdaLoRA
-@pytest.mark.parametrize("quant", list(QUANT))
-def test_adalora_forward_is_the_formula_and_matches_peft(model_dir, quant, tmp_path):
-    model = adalora_model(model_dir, quant)
+@pytest.mark.parametrize("quant", QUANT)
+def test_adalora_forward_is_the_formula_and_matches_peft(llama64_dir, quant, tmp_path):
+    model = adalora_model(llama64_dir, quant)
     v = attn(model).v_proj
     ad = v.adapters["default"]
     assert (v.in_features, v.out_features) == (64, 32)
@@ -191,14 +165,14 @@ def test_adalora_forward_is_the_formula_and_matches_peft(model_dir, quant, tmp_p
         assert delta.abs().max() > 1e-2
     want = logits(model)
     model.save_pretrained(str(tmp_path))
-    pm = peft.PeftModel.from_pretrained(load(model_dir, quant), str(tmp_path))
+    pm = peft.PeftModel.from_pretrained(load_llama64(llama64_dir, quant), str(tmp_path))
     assert type(pm.base_model.model.model.layers[0].self_attn.v_proj).__name__.startswith("SVDLinear")
     torch.testing.assert_close(logits(pm), want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("quant", list(QUANT))
-def test_adalora_trains_and_merges_on_a_quantized_base(model_dir, quant):
-    model = adalora_model(model_dir, quant)
+@pytest.mark.parametrize("quant", QUANT)
+def test_adalora_trains_and_merges_on_a_quantized_base(llama64_dir, quant):
+    model = adalora_model(llama64_dir, quant)
     model.train()
     model(input_ids=IDS, labels=IDS).loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -207,7 +181,7 @@ def test_adalora_trains_and_merges_on_a_quantized_base(model_dir, quant):
     model.zero_grad()
     model.eval()
     unmerged = logits(model)
-    quant_error = (logits(load(model_dir)) - logits(load(model_dir, quant))).abs().max().item()
+    quant_error = (logits(load_llama64(llama64_dir)) - logits(load_llama64(llama64_dir, quant))).abs().max().item()
     with pytest.warns(UserWarning, match="quantizes again"):
         merged = model.merge_and_unload()
     assert type(merged.model.layers[0].self_attn.v_proj).__name__ in ("Linear4bit", "Linear8bitLt")

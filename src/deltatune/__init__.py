@@ -2,7 +2,7 @@
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, PeftConfig, PeftType, TaskType
-from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+from .methods.lora.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .mapping import (
     get_peft_model,
     get_peft_model_state_dict,

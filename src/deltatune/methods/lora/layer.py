@@ -58,7 +58,7 @@ class LoraAdapter(nn.Module):
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout:g}, {self.variant.name}"
 
-    # ------------------------------------------------------------------ hot-swapping (see deltatune.hotswap)
+    # ------------------------------------------------------------------ hot-swapping (see .hotswap)
     def use_tensor_scaling(self) -> None:
         """Hold the scaling as a 0-d tensor on ``lora_A``'s device from now on (float64 adapters: float64,
         else float32; a 0-d operand never changes the result dtype). It is a plain attribute, not a buffer:
@@ -94,7 +94,7 @@ class LoraAdapter(nn.Module):
 
     def write_factors(self, A: Optional[Tensor], B: Optional[Tensor]) -> None:
         """Overwrite ``A`` and ``B`` in place with factors of rank ``A.shape[0] <= r``, zero-padded; None for
-        both: a zero update. Shapes are the caller's to check (:mod:`deltatune.hotswap` checks them all
+        both: a zero update. Shapes are the caller's to check (:mod:`.hotswap` checks them all
         before it writes anything)."""
         with torch.no_grad():
             self.lora_A.zero_()

@@ -34,11 +34,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint as ckpt
-from . import injection
-from .config import PeftConfig, PeftType
-from .methods.lora.layer import LoraAdapter, LoraLayer
-from .registry import checkpoint_suffixes
+from ... import checkpoint as ckpt
+from ... import injection
+from ...config import PeftConfig, PeftType
+from ...registry import checkpoint_suffixes
+from .layer import LoraAdapter, LoraLayer
 
 _CHECK_COMPILED = ("error", "warn", "ignore")
 #: Config fields that decide which modules an adapter has: a swap keeps the old adapter's.
