@@ -460,3 +460,29 @@ def test_fullgraph_compiled_training_with_dropout(dora):
     model.eval()  # no dropout: compiled training-graph values equal the eager formula
     torch.testing.assert_close(torch.compile(model, backend="eager", fullgraph=True)(x), _reference(model, x),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_an_adapter_unfrozen_after_caching_is_watched(dora):
+    """Caches built while the adapter was frozen (a loaded adapter, evaluated) must follow fused optimizer
+    steps once the user makes it trainable again by hand."""
+    model = _model(use_dora=dora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    x = torch.randn(6, 24)
+    model.eval()
+    with torch.no_grad():
+        model(x)  # built unwatched
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=0.05, fused=True)
+    model.train()
+    model(x).pow(2).sum().backward()
+    if dora:  # the training forward rebuilt the norm's entry watched; the gradient cleared it
+        assert model.base_model.model[0].cache.is_empty()
+    optimizer.step()
+    optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _reference(model, x), rtol=1e-5, atol=1e-5)

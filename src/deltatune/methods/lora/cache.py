@@ -9,11 +9,16 @@ An entry is valid while the tensors it was built from are the same objects holdi
 - version counters (every in-place PyTorch op bumps them: a load, a merge, a plain optimizer step);
 - data addresses (new data given through ``.data``; the entry keeps the old data alive, so no other tensor
   can take its address);
+- their ``requires_grad`` flags;
 - and, for tensors that train, no gradient since it was built. Fused optimizer kernels
   (``AdamW(fused=True)``, transformers' default) update parameters without bumping their versions, but an
-  optimizer changes a parameter only when it holds a gradient. So a trainable tensor's entry is dropped
-  when autograd accumulates a gradient into it (a hook this cache registers on the tensor, owned and
-  removed by the cache), and no entry is used or built while such a tensor holds a gradient.
+  optimizer changes a parameter only when it holds a gradient. So the cache is cleared when autograd
+  accumulates a gradient into one of its trainable tensors (a hook the cache registers once per tensor;
+  it only ever clears this cache, and does nothing once the cache is gone), and no entry is used or built
+  while such a tensor holds a gradient.
+
+Not seen: in-place writes through ``.data`` (``p.data.mul_(2)``: ``.data`` has a version counter of its
+own and the address stays); call ``layer.cache.clear()`` after such an edit.
 
 Explicit invalidation (:meth:`LayerCache.clear`) comes from the layer on merge/unmerge, adapter changes and
 dtype/device conversions. Tensors made under ``torch.inference_mode`` have no version counter and traced
@@ -134,7 +139,8 @@ class LayerCache:
         return True
 
     def release(self) -> None:
-        """Clear and remove the hooks (the layer is being discarded or converted)."""
+        """Clear and remove the hooks from the tensors (for a caller that keeps the tensors but drops the
+        layer and wants no hook left on them)."""
         self.clear()
         for _, handle in self._watched.values():
             handle.remove()
@@ -158,6 +164,7 @@ def _clearer(cache_ref):
 
 
 def _stamp(tensors: tuple, scaling) -> tuple:
+    # requires_grad too: a tensor unfrozen after an entry was built must be watched from then on.
     # A tensor scaling (a model prepared for hot-swapping) is changed in place: its version says when.
     scale = scaling if scaling.__class__ is not Tensor else (scaling, scaling._version)
-    return tuple((t._version, t.data_ptr()) if t is not None else None for t in tensors) + (scale,)
+    return tuple((t._version, t.data_ptr(), t.requires_grad) if t is not None else None for t in tensors) + (scale,)
