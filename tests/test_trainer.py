@@ -49,3 +49,17 @@ def test_default_training_arguments_train_the_adapter(tmp_path, task):
     assert changed and all("lora_" in n or "modules_to_save" in n for n in changed)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and "lora_" not in " ".join(frozen)
+
+
+def test_positional_calls_reach_the_base_model_unchanged():
+    """The named signature is for introspection: positional arguments go on as they came (the base model's
+    own order: Llama's third argument is position_ids, not inputs_embeds)."""
+    base = tiny_llama()
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))
+    ids = torch.randint(1, 60, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask, positions = torch.ones_like(ids), torch.tensor([0, 2, 5, 9, 14]).expand(2, 5)  # (RoPE: gaps matter)
+    with torch.no_grad():
+        got = model(ids, mask, positions).logits
+        want = base(ids, mask, positions).logits  # B = 0 at init: the adapter changes nothing
+        assert (want - base(ids, mask).logits).abs().max() > 1e-4  # the positions matter
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -127,3 +127,23 @@ def test_disable_adapter_layers_unmerges_first():
     with torch.no_grad():
         base = main_output(tiny_llama()(**inputs))
     torch.testing.assert_close(_outputs(dm, inputs), base, rtol=1e-5, atol=1e-5)
+
+
+def test_no_reference_cycle_and_pickles_keep_the_pairing(tmp_path):
+    """The host refers to its PeftModel weakly: dropping the model frees it without the garbage collector;
+    a pickled and reloaded model's host belongs to the reloaded model."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(**KW))
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
+    model = dt.get_peft_model(tiny_llama(), dt.LoraConfig(**KW))
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)  # our own file, written just above
+    assert loaded.base_model._peft_model() is loaded and loaded.base_model.active_adapters == ["default"]

@@ -9,6 +9,7 @@ Structure (it fixes the checkpoint key prefix ``base_model.model.``)::
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 from torch import nn
@@ -31,14 +32,24 @@ class AdapterHost(nn.Module):
     def __init__(self, model: nn.Module, owner: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
-        # Not a submodule (no cycle in modules() or the state dict); copies and pickles keep the pairing,
-        # since deepcopy and pickle resolve the reference through their memo.
-        object.__setattr__(self, "_owner", owner)
+        self.set_owner(owner)
+
+    def set_owner(self, owner: Optional[nn.Module]) -> None:
+        """Belong to PeftModel ``owner``: a weak reference outside the module tree (no reference cycle, so
+        ``del model`` frees its memory at once; nothing in ``modules()`` or the state dict). Copies and
+        pickles leave it out; the owner's ``__setstate__`` sets it again."""
+        object.__setattr__(self, "_owner", None if owner is None else weakref.ref(owner))
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_owner"] = None
+        return state
 
     def _peft_model(self) -> nn.Module:
-        owner = self.__dict__.get("_owner")
+        ref = self.__dict__.get("_owner")
+        owner = None if ref is None else ref()
         if owner is None:
-            raise AttributeError("this AdapterHost belongs to no PeftModel")
+            raise ValueError("this AdapterHost belongs to no PeftModel")
         return owner
 
     # ------------------------------------------------------------------ peft's tuner-model surface
@@ -58,8 +69,8 @@ class AdapterHost(nn.Module):
     def prefix(self) -> str:
         """What the adapter tensors' names start with (``"lora_"``, ``"ia3_"``), from the adapters' method."""
         prefixes = {getattr(get_method(c.peft_type), "prefix", None) for c in self.peft_config.values()} - {None}
-        if len(prefixes) != 1:
-            raise AttributeError(f"no single tuner prefix for adapters of types "
+        if len(prefixes) != 1:  # (not an AttributeError: that would fall through to the transformers model)
+            raise ValueError(f"no single tuner prefix for adapters of types "
                                  f"{sorted({c.peft_type.value for c in self.peft_config.values()})}")
         return prefixes.pop()
 

@@ -53,6 +53,11 @@ class PeftModel(nn.Module):
         if uses_checkpointing(model):
             self._inputs_require_grad()
 
+    def __setstate__(self, state) -> None:
+        # (copies and unpickled models: the host's weak reference back to its PeftModel is not copied)
+        super().__setstate__(state)
+        self.base_model.set_owner(self)
+
     # ------------------------------------------------------------------ attribute fall-through
     def __getattr__(self, name: str):
         try:

@@ -23,24 +23,23 @@ def _forward_with(names: tuple[str, ...]):
     transformers models' forwards do: transformers' ``Trainer`` keeps the dataset columns the model's
     forward names (a ``*args, **kwargs`` forward would make it drop them all).
 
-    The arguments given (not None) go on to :meth:`PeftModel.forward`: ``input_ids`` positionally (the
-    first argument of transformers models, and of a module called as ``model(x)``), the rest by name, so
-    a base model without, say, ``inputs_embeds`` is never handed one.
+    The call itself goes on to :meth:`PeftModel.forward` as it came: positional arguments unchanged (so
+    ``model(ids, mask, position_ids)`` means what it means to the base model, and ``model(x)`` works for
+    any module), keyword arguments too, less the named ones left at None (a base model without, say,
+    ``inputs_embeds`` is never handed one).
     """
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     signature = inspect.Signature(
         [inspect.Parameter("self", kind)] + [inspect.Parameter(n, kind, default=None) for n in ("input_ids",) + names]
         + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+    named = frozenset(("input_ids",) + names)
 
     def forward(self, *args, **kwargs):
-        arguments = signature.bind(self, *args, **kwargs).arguments
-        given = {k: v for k, v in arguments.items() if k not in ("self", "kwargs") and v is not None}
-        input_ids = given.pop("input_ids", None)
-        return PeftModel.forward(self, *(() if input_ids is None else (input_ids,)), **given,
-                                 **arguments.get("kwargs", {}))
+        return PeftModel.forward(self, *args, **{k: v for k, v in kwargs.items() if v is not None or k not in named})
 
     forward.__signature__ = signature
-    forward.__doc__ = f"The base model's forward with the active adapters; arguments as transformers names them: {', '.join(('input_ids',) + names)}."
+    forward.__doc__ = ("The base model's forward with the active adapters; its signature names the task's arguments "
+                       f"as transformers does: {', '.join(('input_ids',) + names)}.")
     return forward
 
 
