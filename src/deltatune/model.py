@@ -126,11 +126,11 @@ class PeftModel(nn.Module):
         method = get_method(peft_config.peft_type)
         config = self._resolve_config(peft_config)
         model = self.base_model.model
-        if (isinstance(method, PromptMethod)) != bool(self._prompt_names()) and self.peft_config:
+        prompt = isinstance(method, PromptMethod)
+        if prompt != bool(self._prompt_names()) and self.peft_config:
             raise ValueError("prompt-learning adapters and adapters that wrap layers cannot share one model")
-        if isinstance(method, PromptMethod):
+        if prompt:
             undo = injection.Undo(self)  # the encoder goes into this PeftModel, modules_to_save into the model
-            config = self._add_prompt(adapter_name, config, method)
         else:
             autocast = self._autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
             injected = injection.inject(model, config, adapter_name, method, autocast, low_cpu_mem_usage)
@@ -140,6 +140,8 @@ class PeftModel(nn.Module):
             ):
                 config = config.replace(fan_in_fan_out=True)  # recorded as peft records it for Conv1D
         try:
+            if prompt:
+                config = self._add_prompt(adapter_name, config, method)
             injection.add_modules_to_save(model, config.modules_to_save, adapter_name)
             self.peft_config[adapter_name] = config
             self._apply_active()
