@@ -16,7 +16,7 @@ from torch import nn
 import deltatune as dt
 from deltatune import combination as C
 from deltatune import injection
-from deltatune.weighted_adapter import add_weighted_adapter
+from deltatune.methods.lora.weighted import add_weighted_adapter
 from conftest import conv_inputs, main_output, text_inputs, tiny_convnet, tiny_gpt2_lm, tiny_llama
 
 ATOL = 1e-5
@@ -471,7 +471,7 @@ def test_modules_to_save_copies():
 
 
 def test_failed_fill_puts_model_back(two_ranks, monkeypatch):
-    import deltatune.weighted_adapter as W
+    import deltatune.methods.lora.weighted as W
 
     real = W._fill
 

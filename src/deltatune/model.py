@@ -11,13 +11,13 @@ from typing import Iterable, Optional, Sequence, Union
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import injection, merging, weighted_adapter
+from . import injection, merging
 from .adapter_tensors import activate
 from .config import PeftConfig, TaskType
 from .host import AdapterHost, uses_checkpointing
 from .prompt_adapters import build_prompt_encoder
 from .quant.bnb import param_numel
-from .registry import PromptMethod, get_method, registered_methods, task_model
+from .registry import PromptMethod, get_method, method_hook, task_model
 
 
 def _check_adapter_name(name: str) -> None:
@@ -229,20 +229,16 @@ class PeftModel(nn.Module):
     def update_and_allocate(self, global_step: int) -> None:
         """After each optimizer step, run the step of the first active adapter whose method has one
         (AdaLoRA: update importance scores and reallocate ranks)."""
-        for name in self._active:
-            step = getattr(get_method(self.peft_config[name].peft_type), "update_and_allocate", None)
-            if step is not None:
-                return step(self, global_step)
-        having = [m.peft_type.value for m in registered_methods() if getattr(m, "update_and_allocate", None)]
-        raise ValueError(f"update_and_allocate needs an active adapter of a method that has this step: {having}")
+        method_hook(self.peft_config, self._active, "update_and_allocate")(self, global_step)
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                              combination_type: str = "svd", **options) -> None:
-        """Add LoRA adapter ``adapter_name`` combining ``adapters`` with ``weights`` (peft's types: ``svd``,
-        ``linear``, ``cat``, ``ties``, ``dare_*``, ``magnitude_prune*``, ...); ``options``: ``svd_rank``,
-        ``svd_clamp``, ``svd_full_matrices``, ``svd_driver``, ``density``, ``majority_sign_method``,
-        ``generator``. See :func:`deltatune.weighted_adapter.add_weighted_adapter`."""
-        weighted_adapter.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **options)
+        """Add adapter ``adapter_name`` combining ``adapters`` with ``weights``, as their method does it (LoRA:
+        every peft combination type, see :func:`deltatune.methods.lora.weighted.add_weighted_adapter`;
+        ``options``: ``svd_rank``, ``svd_clamp``, ``svd_full_matrices``, ``svd_driver``, ``density``,
+        ``majority_sign_method``, ``generator``)."""
+        method_hook(self.peft_config, adapters, "add_weighted_adapter")(
+            self, adapters, weights, adapter_name, combination_type, **options)
 
     # ------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:

@@ -51,6 +51,8 @@ class Method:
             ``deltatune inspect``); None if the method has no rank.
         update_and_allocate: See the field's comment.
         prefix: What its adapter tensors' names start with (peft's tuner ``prefix``: ``"lora_"``, ...).
+        add_weighted_adapter: Optional ``(peft_model, adapters, weights, adapter_name, combination_type,
+            **options) -> None`` behind ``PeftModel.add_weighted_adapter``.
     """
 
     peft_type: PeftType
@@ -68,6 +70,7 @@ class Method:
     #: after each optimizer step (e.g. AdaLoRA's importance scores and rank budget).
     update_and_allocate: Optional[Callable] = None
     prefix: Optional[str] = None
+    add_weighted_adapter: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,19 @@ def register(method):
         check_layer_class(method.layer_cls)
     _METHODS[method.peft_type] = method
     return method
+
+
+def method_hook(peft_config: Mapping, names, hook: str) -> Callable:
+    """The ``hook`` field (e.g. ``update_and_allocate``) of the method of the first of adapters ``names``
+    (in ``peft_config``: name -> config) whose method registers one; a ValueError naming the methods that
+    do otherwise."""
+    for name in names:
+        if name in peft_config:
+            found = getattr(get_method(peft_config[name].peft_type), hook, None)
+            if found is not None:
+                return found
+    having = sorted(m.peft_type.value for m in _METHODS.values() if getattr(m, hook, None) is not None)
+    raise ValueError(f"{hook} needs adapters of a method that has it ({having}); got {list(names)}")
 
 
 def get_method(peft_type):

@@ -32,10 +32,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import combination as C
-from .config import PeftType
-from .injection import Undo, adapter_layers, find_targets, saved_module_wrappers
-from .registry import PromptMethod, get_method
+from ... import combination as C
+from ...config import PeftType
+from ...injection import Undo, adapter_layers, find_targets, saved_module_wrappers
+from ...registry import PromptMethod, get_method
 
 #: combination_type -> (how the new factors are made, the merge rule of :func:`deltatune.combination.merge`).
 COMBINATIONS = {
