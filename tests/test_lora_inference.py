@@ -479,10 +479,28 @@ def test_an_adapter_unfrozen_after_caching_is_watched(dora):
     optimizer = torch.optim.AdamW(params, lr=0.05, fused=True)
     model.train()
     model(x).pow(2).sum().backward()
-    if dora:  # the training forward rebuilt the norm's entry watched; the gradient cleared it
-        assert model.base_model.model[0].cache.is_empty()
+    if dora:  # the training forward rebuilt the norm's entry watched; the gradient dropped it
+        assert not model.base_model.model[0].cache.entries
     optimizer.step()
     optimizer.zero_grad()
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), _reference(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_training_steps_keep_the_base_row_norms():
+    """A gradient into the adapter drops the adapter's entries but not ||w_i||^2 of a frozen base (it would
+    be recomputed every training step); a trainable base weight's gradient drops it too."""
+    model = _model(use_dora=True).train()
+    layer = model.base_model.model[0]
+    x = torch.randn(6, 24)
+    model(x).pow(2).sum().backward()
+    base_entry = layer.cache.base
+    assert base_entry is not None and base_entry.sqnorm is not None and not layer.cache.entries
+    model.zero_grad(set_to_none=True)
+    model(x).pow(2).sum().backward()
+    assert layer.cache.base is base_entry
+    layer.base_layer.weight.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    model(x).pow(2).sum().backward()
+    assert layer.cache.base is None

@@ -12,10 +12,10 @@ An entry is valid while the tensors it was built from are the same objects holdi
 - their ``requires_grad`` flags;
 - and, for tensors that train, no gradient since it was built. Fused optimizer kernels
   (``AdamW(fused=True)``, transformers' default) update parameters without bumping their versions, but an
-  optimizer changes a parameter only when it holds a gradient. So the cache is cleared when autograd
-  accumulates a gradient into one of its trainable tensors (a hook the cache registers once per tensor;
-  it only ever clears this cache, and does nothing once the cache is gone), and no entry is used or built
-  while such a tensor holds a gradient.
+  optimizer changes a parameter only when it holds a gradient. So the entries that depend on a trainable
+  tensor are dropped when autograd accumulates a gradient into it (a hook the cache registers once per
+  tensor; it only ever drops this cache's entries, and does nothing once the cache is gone), and no entry
+  is used or built while such a tensor holds a gradient.
 
 Not seen: in-place writes through ``.data`` (``p.data.mul_(2)``: ``.data`` has a version counter of its
 own and the address stays); call ``layer.cache.clear()`` after such an edit.
@@ -156,10 +156,14 @@ class LayerCache:
 
 
 def _clearer(cache_ref):
-    def clear(_tensor) -> None:
+    def clear(tensor) -> None:
         cache = cache_ref()
-        if cache is not None:
-            cache.clear()
+        if cache is None:
+            return
+        cache.entries.clear()
+        # The base entry (||w_i||^2) only if the base weight itself trains: it would be rebuilt every step.
+        if cache.base is not None and any(t is tensor for t in cache.base.sources):
+            cache.base = None
     return clear
 
 
