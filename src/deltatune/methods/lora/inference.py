@@ -79,7 +79,9 @@ def forward(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], run) -> Te
             out = layer._apply_run(x, out, [ad])
             continue
         if out is None:
-            if f.scale is None:  # LoRA first: the delta, then the base GEMM adds into it
+            # LoRA first: the delta, then the base GEMM adds into it (float32/64; in half precision a
+            # GEMM accumulating into an existing output measured slower than the base's own, on the CPU)
+            if f.scale is None and weight.dtype in FOLDABLE:
                 xa = torch.mm(x, f.A_t)
                 out = torch.mm(xa, f.B_t) if bias is None else torch.addmm(bias, xa, f.B_t)
                 out.addmm_(x, f.W_t)
