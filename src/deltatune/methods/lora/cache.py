@@ -36,6 +36,9 @@ import torch
 from torch import Tensor
 
 
+_is_compiling = torch.compiler.is_compiling
+
+
 @dataclass(frozen=True)
 class Factors:
     """One adapter in the layout the no-grad path's small matmuls run fastest in (see ``inference.py``).
@@ -61,8 +64,8 @@ class Entry:
 
     Attributes:
         sources: The tensors (identity checks), ``None`` where absent (no bias, no magnitude).
-        stamp: Their versions and data addresses, and the adapter's scaling (a tensor scaling: the tensor
-            and its version).
+        stamp: Their versions, data addresses and ``requires_grad`` flags, and the adapter's scaling (a
+            tensor scaling: the tensor and its version), as a list.
         keep: Their data, kept alive so that no other tensor can take one of the addresses in ``stamp``.
         norm: DoRA's detached ``||W + s B A||`` per output channel, ``(out,)``.
         factors: The no-grad path's :class:`Factors`, built for ``factors_dtype`` inputs.
@@ -71,7 +74,7 @@ class Entry:
     """
 
     sources: tuple
-    stamp: tuple
+    stamp: list
     keep: tuple
     norm: Optional[Tensor] = None
     factors: Optional[Factors] = None
@@ -103,17 +106,31 @@ class LayerCache:
     def lookup(self, owner, tensors: tuple, scaling=0.0) -> Optional[Entry]:
         """The valid entry of ``owner`` (an adapter module, or None for the base entry) for ``tensors``, a
         fresh empty one if the old one is stale, or None when nothing may be cached now."""
-        if torch.compiler.is_compiling():
+        # (Runs per layer per decoded token: plain loops, no generators.)
+        if _is_compiling():
             return None
+        stamp = []
         try:
-            stamp = _stamp(tensors, scaling)
+            for t in tensors:
+                if t is None:
+                    stamp.append(None)
+                    continue
+                grad_on = t.requires_grad
+                if grad_on and t.grad is not None:
+                    return None  # an optimizer step may follow that leaves the versions alone
+                # requires_grad too: a tensor unfrozen after an entry was built must be watched from then on
+                stamp.append((t._version, t.data_ptr(), grad_on))
         except RuntimeError:  # inference tensors: no version counter
             return None
-        if any(t is not None and t.requires_grad and t.grad is not None for t in tensors):
-            return None  # an optimizer step may follow that leaves the versions alone
+        # A tensor scaling (a model prepared for hot-swapping) is changed in place: its version says when.
+        stamp.append(scaling if scaling.__class__ is not Tensor else (scaling, scaling._version))
         entry = self.base if owner is None else self.entries.get(owner)
-        if entry is not None and entry.stamp == stamp and all(a is b for a, b in zip(entry.sources, tensors)):
-            return entry
+        if entry is not None and entry.stamp == stamp:
+            for a, b in zip(entry.sources, tensors):
+                if a is not b:
+                    break
+            else:
+                return entry
         if not self._watch(tensors):
             return None
         keep = tuple(t.detach() for t in tensors if t is not None)
@@ -165,10 +182,3 @@ def _clearer(cache_ref):
         if cache.base is not None and any(t is tensor for t in cache.base.sources):
             cache.base = None
     return clear
-
-
-def _stamp(tensors: tuple, scaling) -> tuple:
-    # requires_grad too: a tensor unfrozen after an entry was built must be watched from then on.
-    # A tensor scaling (a model prepared for hot-swapping) is changed in place: its version says when.
-    scale = scaling if scaling.__class__ is not Tensor else (scaling, scaling._version)
-    return tuple((t._version, t.data_ptr(), t.requires_grad) if t is not None else None for t in tensors) + (scale,)
