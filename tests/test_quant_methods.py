@@ -140,14 +140,21 @@ def test_ia3_merge_requantizes_and_unmerge_restores(llama64_dir, quant):
     assert (logits(model) - unmerged).abs().max().item() <= 3 * quant_error
 
 
+def assert_peft_gives_the_same_logits(model, model_dir, quant, folder, module: str, layer_type: str) -> None:
+    """Saved and loaded by peft onto the same quantized base, ``model``'s adapter gives the same logits;
+    peft's layer for ``module`` is of a class whose qualified name contains ``layer_type``."""
+    want = logits(model)
+    model.save_pretrained(str(folder))
+    pm = peft.PeftModel.from_pretrained(load_llama64(model_dir, quant), str(folder))
+    layer = getattr(pm.base_model.model.model.layers[0].self_attn, module)
+    assert layer_type in f"{type(layer).__module__}.{type(layer).__name__}"
+    torch.testing.assert_close(logits(pm), want, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("quant", QUANT)
 def test_ia3_matches_peft_on_the_same_quantized_model(llama64_dir, quant, tmp_path):
-    model = ia3_model(llama64_dir, quant)
-    want = logits(model)
-    model.save_pretrained(str(tmp_path))
-    pm = peft.PeftModel.from_pretrained(load_llama64(llama64_dir, quant), str(tmp_path))
-    assert type(pm.base_model.model.model.layers[0].self_attn.k_proj).__module__.startswith("peft.tuners.ia3.bnb")
-    torch.testing.assert_close(logits(pm), want, rtol=0, atol=1e-5)
+    assert_peft_gives_the_same_logits(ia3_model(llama64_dir, quant), llama64_dir, quant, tmp_path, "k_proj",
+                                      "peft.tuners.ia3.bnb")
 
 
 # ---------------------------------------------------------------------------------------------- AdaLoRA
@@ -163,11 +170,7 @@ def test_adalora_forward_is_the_formula_and_matches_peft(llama64_dir, quant, tmp
         delta = F.linear(F.linear(x, ad.lora_A * ad.lora_E), ad.lora_B) * (8 / (6 + 1e-5))
         torch.testing.assert_close(v(x), v.base_layer(x) + delta, rtol=1e-6, atol=1e-6)
         assert delta.abs().max() > 1e-2
-    want = logits(model)
-    model.save_pretrained(str(tmp_path))
-    pm = peft.PeftModel.from_pretrained(load_llama64(llama64_dir, quant), str(tmp_path))
-    assert type(pm.base_model.model.model.layers[0].self_attn.v_proj).__name__.startswith("SVDLinear")
-    torch.testing.assert_close(logits(pm), want, rtol=0, atol=1e-5)
+    assert_peft_gives_the_same_logits(model, llama64_dir, quant, tmp_path, "v_proj", ".SVDLinear")
 
 
 @pytest.mark.parametrize("quant", QUANT)
