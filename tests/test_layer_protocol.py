@@ -64,8 +64,8 @@ def test_register_refuses_a_layer_class_missing_members_and_names_them():
 
 def test_check_layer_names_missing_instance_state():
     layer = IA3Layer(nn.Linear(4, 4))
-    del layer.merged
-    with pytest.raises(TypeError, match="missing merged$"):
+    del layer.merged_adapters
+    with pytest.raises(TypeError, match="missing merged_adapters$"):
         check_layer(layer)
 
 
@@ -143,13 +143,13 @@ def test_merge_loop_order_skips_and_unmerges_last_first():
 
     W0 = layer.base_layer.weight.detach().clone()
     adapter_state.merge_adapters(layer, ["b", "missing", "a", "b"], False, record(+1))
-    assert layer.merged == ["b", "a"] and calls == [(1, "b"), (1, "a")]
+    assert layer.merged_adapters == ["b", "a"] and calls == [(1, "b"), (1, "a")]
     assert layer._run == [layer.adapters["c"]]  # merged adapters stop running
     adapter_state.merge_adapters(layer, None, False, record(+1))  # None: the active ones
-    assert layer.merged == ["b", "a", "c"]
+    assert layer.merged_adapters == ["b", "a", "c"]
     calls.clear()
     adapter_state.unmerge_adapters(layer, record(-1))
-    assert calls == [(-1, "c"), (-1, "a"), (-1, "b")] and layer.merged == []
+    assert calls == [(-1, "c"), (-1, "a"), (-1, "b")] and layer.merged_adapters == []
     assert len(layer._run) == 3
     torch.testing.assert_close(layer.base_layer.weight, W0)
 
@@ -164,7 +164,7 @@ def test_safe_merge_checks_before_writing_anything(bad):
     with pytest.raises(ValueError, match="merging adapter 'a' into Linear produced NaN/inf"):
         adapter_state.merge_adapters(layer, ["a"], True, weight_fn, bias_fn)
     assert torch.equal(layer.base_layer.weight, W0) and torch.equal(layer.base_layer.bias, b0)
-    assert layer.merged == []
+    assert layer.merged_adapters == []
 
 
 def test_ia3_merge_scales_weight_and_bias_and_a_failed_unmerge_stays_merged():
@@ -178,7 +178,7 @@ def test_ia3_merge_scales_weight_and_bias_and_a_failed_unmerge_stays_merged():
     torch.testing.assert_close(layer.base_layer.bias, b0 * l)  # b' = b * l
     with pytest.raises(ValueError, match="zero entries"):
         layer.unmerge()
-    assert layer.merged == ["a"]  # the weights still hold it, so the bookkeeping says so
+    assert layer.merged_adapters == ["a"]  # the weights still hold it, so the bookkeeping says so
 
 
 def test_svd_linear_merge_and_unmerge_round_trip():

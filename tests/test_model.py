@@ -289,7 +289,7 @@ def test_disable_adapter_on_a_merged_model_computes_the_base_model(dora):
         with pytest.warns(UserWarning, match="disable_adapter: the model has merged adapters"):
             with model.disable_adapter():
                 torch.testing.assert_close(main_output(model(**inputs)), want, rtol=0, atol=1e-5)
-        assert not any(layer.merged for layer in model.modules() if isinstance(layer, LoraLayer))
+        assert not any(layer.merged_adapters for layer in model.modules() if isinstance(layer, LoraLayer))
         torch.testing.assert_close(main_output(model(**inputs)), adapted, rtol=0, atol=1e-5)
 
 

@@ -127,7 +127,7 @@ def test_ia3_merge_requantizes_and_unmerge_restores(llama64_dir, quant):
     l = k.adapters["default"].ia3_l.detach().reshape(-1)
     with pytest.warns(UserWarning, match="quantizes again"):
         model.merge_adapter()
-    assert k.merged == ["default"] and b_none
+    assert k.merged_adapters == ["default"] and b_none
     assert type(k.base_layer).__name__ in ("Linear4bit", "Linear8bitLt")
     # W' = quant(diag(l) W): within the rounding of the scaled weight (NF4: 0.2 absmax, int8: absmax / 127)
     step = (W0 * l[:, None]).abs().max().item() * (0.2 if quant == "nf4" else 1 / 127)
@@ -136,7 +136,7 @@ def test_ia3_merge_requantizes_and_unmerge_restores(llama64_dir, quant):
     assert (merged - unmerged).abs().max().item() <= 3 * quant_error
     with pytest.warns(UserWarning, match="quantizes again"):
         model.unmerge_adapter()
-    assert k.merged == []
+    assert k.merged_adapters == []
     assert (logits(model) - unmerged).abs().max().item() <= 3 * quant_error
 
 

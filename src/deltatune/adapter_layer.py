@@ -34,7 +34,7 @@ class AdapterLayer(Protocol):
         base_layer: The wrapped, frozen module.
         adapters: ``nn.ModuleDict`` adapter name -> that adapter's module in this layer.
         active: Names of the adapters the forward runs, in order.
-        merged: Names of the adapters folded into the base weight, in merge order.
+        merged_adapters: Names of the adapters folded into the base weight, in merge order (peft's name).
         disabled: True while every adapter is switched off.
         in_features: Logical input size (``x: (..., in_features)``; channels for convolutions,
             ``num_embeddings`` for embeddings), read from :func:`logical_shape`, never from a packed weight.
@@ -45,7 +45,7 @@ class AdapterLayer(Protocol):
     base_layer: nn.Module
     adapters: nn.ModuleDict
     active: list
-    merged: list
+    merged_adapters: list
     disabled: bool
     in_features: int
     out_features: int

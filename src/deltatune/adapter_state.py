@@ -1,6 +1,6 @@
 """Which adapters of an adapter layer run: bookkeeping shared by every method's layers.
 
-A layer keeps ``adapters`` (``nn.ModuleDict`` name -> adapter module), ``active`` and ``merged`` (name
+A layer keeps ``adapters`` (``nn.ModuleDict`` name -> adapter module), ``active`` and ``merged_adapters`` (name
 lists) and ``disabled``; ``_run`` is the list of adapter modules its forward applies, recomputed only when
 one of those changes. Layers take these functions as methods (``set_active = adapter_state.set_active``)
 instead of inheriting them, so each method's layer class stays a direct ``nn.Module``.
@@ -28,13 +28,13 @@ def init(layer: nn.Module, base_layer: nn.Module) -> None:
     layer.base_layer = base_layer
     layer.adapters = nn.ModuleDict()
     layer.active = []
-    layer.merged = []
+    layer.merged_adapters = []
     layer.disabled = False
     layer._run = []
 
 
 def refresh(layer) -> None:
-    layer._run = [] if layer.disabled else [layer.adapters[n] for n in layer.active if n not in layer.merged]
+    layer._run = [] if layer.disabled else [layer.adapters[n] for n in layer.active if n not in layer.merged_adapters]
 
 
 def set_active(layer, names: Sequence[str]) -> None:
@@ -49,7 +49,7 @@ def set_disabled(layer, disabled: bool) -> None:
 
 
 def delete_adapter(layer, name: str) -> None:
-    if name in layer.merged:
+    if name in layer.merged_adapters:
         raise ValueError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
     del layer.adapters[name]
     set_active(layer, [n for n in layer.active if n != name])
@@ -60,13 +60,51 @@ def base_weight(layer):
     return layer.base_layer.weight
 
 
+class PeftLayerSurface:
+    """What code written for peft reads and calls on an adapter layer, as views onto the state above
+    (class attributes a layer class copies: ``active_adapters = PeftLayerSurface.active_adapters``, ...).
+    """
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.active)
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged into the base weight."""
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        set_disabled(self, not enabled)
+
+    def set_adapter(self, adapter_names) -> None:
+        """Run ``adapter_names`` (a name or a list); as in peft, their tensors become trainable and the other
+        adapters' frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.set_active(names)
+        for name, adapter in self.adapters.items():
+            adapter.requires_grad_(name in names)
+
+
+def peft_surface(cls: type) -> type:
+    """Give layer class ``cls`` the members of :class:`PeftLayerSurface` (a decorator, no inheritance)."""
+    for name, member in vars(PeftLayerSurface).items():
+        if not name.startswith("_"):
+            setattr(cls, name, member)
+    return cls
+
+
 def merge_adapters(layer, names: Optional[Sequence[str]], safe: bool, merged_weight: Update,
                    merged_bias: Optional[Update] = None) -> None:
     """Fold adapters into ``layer.base_layer``, one at a time; the shared body of every ``merge``.
 
     For each of ``names`` (default: ``layer.active``) that the layer has and has not merged yet:
     ``W <- merged_weight(name, W)`` and, when ``merged_bias`` is given and the base has a bias,
-    ``b <- merged_bias(name, b)``; then ``name`` is appended to ``layer.merged``. ``W`` comes from
+    ``b <- merged_bias(name, b)``; then ``name`` is appended to ``layer.merged_adapters``. ``W`` comes from
     :func:`~deltatune.adapter_layer.read_weight` (dequantized float32 for 4/8-bit bases) and goes back
     through :func:`~deltatune.adapter_layer.write_weight` (quantized again, with a warning).
 
@@ -80,22 +118,22 @@ def merge_adapters(layer, names: Optional[Sequence[str]], safe: bool, merged_wei
     """
     try:
         for name in layer.active if names is None else names:
-            if name in layer.merged or name not in layer.adapters:
+            if name in layer.merged_adapters or name not in layer.adapters:
                 continue
             _apply(layer, name, merged_weight, merged_bias, safe)
-            layer.merged.append(name)
+            layer.merged_adapters.append(name)
     finally:  # an adapter merged before an error stays merged, and stops running
         refresh(layer)
 
 
 def unmerge_adapters(layer, unmerged_weight: Update, unmerged_bias: Optional[Update] = None) -> None:
     """Undo every merge of ``layer``, last merged first: ``W <- unmerged_weight(name, W)`` (and the bias
-    likewise). An adapter leaves ``layer.merged`` only once its weights are written back, so an error in
+    likewise). An adapter leaves ``layer.merged_adapters`` only once its weights are written back, so an error in
     its math (say, an (IA)^3 vector with a zero) leaves it merged and the weights consistent with that."""
     try:
-        while layer.merged:
-            _apply(layer, layer.merged[-1], unmerged_weight, unmerged_bias, safe=False)
-            layer.merged.pop()
+        while layer.merged_adapters:
+            _apply(layer, layer.merged_adapters[-1], unmerged_weight, unmerged_bias, safe=False)
+            layer.merged_adapters.pop()
     finally:
         refresh(layer)
 

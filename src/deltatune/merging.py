@@ -26,14 +26,14 @@ def merge_adapters(model: nn.Module, names: Sequence[str], safe_merge: bool = Fa
         Whatever a layer's merge raises; the layers merged before it in this call are unmerged first.
     """
     layers = [layer for _, layer in injection.adapter_layers(model)
-              if any(n in layer.adapters and n not in layer.merged for n in names)]
+              if any(n in layer.adapters and n not in layer.merged_adapters for n in names)]
     injection.own_base_weights(model, layers)
     done = []
     try:
         for layer in layers:
-            before = len(layer.merged)
+            before = len(layer.merged_adapters)
             layer.merge(names, safe=safe_merge)
-            if len(layer.merged) > before:
+            if len(layer.merged_adapters) > before:
                 done.append(layer)
     except Exception:
         for layer in done:
@@ -49,7 +49,7 @@ def unmerge_all(model: nn.Module) -> None:
 
 def has_merged(model: nn.Module) -> bool:
     """Whether any adapter layer of ``model`` holds a merged adapter."""
-    return any(layer.merged for _, layer in injection.adapter_layers(model))
+    return any(layer.merged_adapters for _, layer in injection.adapter_layers(model))
 
 
 __all__ = ["has_merged", "merge_adapters", "unmerge_all"]

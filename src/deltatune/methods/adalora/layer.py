@@ -31,6 +31,7 @@ class SVDAdapter(nn.Module):
         return self.scaling / (self.r0 + 1e-5)
 
 
+@adapter_state.peft_surface
 class SVDLinear(nn.Module):
     """AdaLoRA on ``nn.Linear``, GPT-2 ``Conv1D`` (``fan_in_fan_out``) or a bitsandbytes 4/8-bit linear layer:
     ``y = base(x) + s / (r0 + 1e-5) * B (A * E) drop(x)``, ``x: (..., in)`` -> ``y: (..., out)``."""

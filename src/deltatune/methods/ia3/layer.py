@@ -30,6 +30,7 @@ class IA3Adapter(nn.Module):
         return f"feedforward={self.feedforward}, size={self.ia3_l.numel()}"
 
 
+@adapter_state.peft_surface
 class IA3Layer(nn.Module):
     """``y = base(x) * l`` (output scaling) or ``y = base(x * l)`` (feed-forward modules); several active
     adapters multiply. Works on ``nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv1d/2d/3d`` and bitsandbytes

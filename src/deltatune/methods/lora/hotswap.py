@@ -207,7 +207,7 @@ def _plan(model: nn.Module, adapter_name: str, new, weights: dict[str, Tensor]):
     for name, layer in _lora_layers(model):
         if adapter_name not in layer.adapters:
             continue
-        if adapter_name in layer.merged:
+        if adapter_name in layer.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into {name!r}; unmerge it before hot-swapping")
         module = name[len(ckpt.ROOT):] if name.startswith(ckpt.ROOT) else name
         swaps[module] = _LayerSwap(layer, layer.adapters[adapter_name])

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ... import adapter_state
 from ...adapter_layer import read_weight, write_weight
 from . import functional as LF
+from . import views
 from .cache import LayerCache
 from .variants import LoraVariant, variant_for
 
@@ -121,6 +122,8 @@ def adapter_dtype(weight: Tensor, autocast_adapter_dtype: bool = True) -> torch.
     return weight.dtype
 
 
+@views.install
+@adapter_state.peft_surface
 class LoraLayer(nn.Module):
     """Base class of the LoRA wrappers (Linear/Conv1D, Embedding, ConvNd).
 
