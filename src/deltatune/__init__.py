@@ -25,6 +25,7 @@ from .tasks import (
     PeftModelForTokenClassification,
 )
 from .quant import prepare_model_for_kbit_training
+from .status import get_layer_status, get_model_status
 from .targeting import TargetError
 
 __version__ = "0.1.0"
@@ -50,6 +51,8 @@ __all__ = [
     "PromptTuningConfig",
     "TargetError",
     "TaskType",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "hotswap_adapter",

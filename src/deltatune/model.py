@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Sequence, Union
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import injection, merging
+from . import injection, merging, status
 from .adapter_tensors import activate
 from .config import PeftConfig, TaskType
 from .host import AdapterHost, uses_checkpointing
@@ -274,6 +274,9 @@ class PeftModel(nn.Module):
         return injection.unwrap(self.base_model.model, keep_saved_copies=False)
 
     # ------------------------------------------------------------------ parameters
+    get_layer_status = status.get_layer_status  # (each adapter layer's state, with peft's field names)
+    get_model_status = status.get_model_status
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts."""
         trainable = total = 0
