@@ -1,5 +1,14 @@
 """deltatune: parameter-efficient fine-tuning for PyTorch, checkpoint-compatible with HuggingFace PEFT."""
 
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .checkpoint import CheckpointError
 from .config import ConfigError, PeftConfig, PeftType, TaskType
 from .methods.lora.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
@@ -32,6 +41,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoraConfig",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "CheckpointError",
     "ConfigError",
     "DoRAConfig",
