@@ -147,7 +147,7 @@ def test_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(path)
     assert open(file, "rb").read() == good  # the previous adapter is intact
-    assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     fresh = str(tmp_path / "fresh")
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(fresh)
@@ -197,3 +197,21 @@ def test_unknown_keyword_arguments_are_refused(tmp_path):
     model = dt.PeftModel.from_pretrained(target, path, ephemeral_gpu_offload=True, local_files_only=True)
     with pytest.raises(TypeError, match="adapter_nmae"):
         model.load_adapter(path, "other", adapter_nmae="x")
+
+
+def test_save_writes_a_model_card_and_keeps_an_existing_one(tmp_path):
+    """As peft: README.md with Hub metadata naming the base model and library_name peft; a card already in
+    the folder (the user's) is left untouched."""
+    import yaml
+
+    base = tiny_llama()
+    base.config.name_or_path = "org/tiny-llama"
+    model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["base_model"] == "org/tiny-llama" and meta["library_name"] == "peft"
+    assert "base_model:adapter:org/tiny-llama" in meta["tags"] and "lora" in meta["tags"]
+    (tmp_path / "README.md").write_text("mine")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "mine"

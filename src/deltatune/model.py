@@ -330,6 +330,7 @@ class PeftModel(nn.Module):
             if name != "default":  # other adapters go into sub-folders named after them, as peft writes them
                 folder, init = os.path.join(folder, name), None if init is None else os.path.join(init, name)
             ckpt.save_adapter(self, name, config, folder, init)
+        ckpt.write_model_card(save_directory, base_name, [self.peft_config[n] for n in names])
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",

@@ -29,6 +29,7 @@ from .files import (
     resolve_adapter_dir,
     save_adapter,
     save_adapter_folder,
+    write_model_card,
 )
 from .keys import ROOT, adapted_module_names, adapter_tensors, from_peft_keys, rename_keys, state_dict_for_save, to_peft_keys
 from .load import LoadResult, load_into, warn_missing
@@ -37,5 +38,5 @@ __all__ = [
     "CheckpointError", "LoadResult", "adapted_module_names", "adapter_tensors", "state_dict_for_save", "load_into",
     "save_adapter_folder", "read_adapter_weights", "rename_keys", "resolve_adapter_dir", "atomic_write_bytes",
     "iter_modules", "HUB_KWARGS", "PICKLE_NAME", "ROOT", "SAFETENSORS_NAME", "convert_to_plain_lora",
-    "from_peft_keys", "save_adapter", "to_peft_keys", "warn_missing",
+    "from_peft_keys", "save_adapter", "to_peft_keys", "warn_missing", "write_model_card",
 ]

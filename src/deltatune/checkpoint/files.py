@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, atomic_write_bytes
 from .convert import convert_to_plain_lora
 from .errors import CheckpointError
 from .keys import state_dict_for_save
@@ -41,6 +41,26 @@ def save_adapter_folder(directory: str, tensors: dict[str, Tensor], config) -> N
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, SAFETENSORS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config.save_pretrained(directory)
+
+
+MODEL_CARD_NAME = "README.md"
+
+
+def write_model_card(directory: str, base_name: Optional[str], configs) -> None:
+    """A ``README.md`` model card for an adapter folder, as peft writes one (so a folder pushed to the Hub
+    has one): Hub metadata naming the base model and ``library_name: peft`` (the files are peft's format).
+    An existing card is left as it is (it may be the user's)."""
+    path = os.path.join(directory, MODEL_CARD_NAME)
+    if os.path.exists(path):
+        return
+    kinds = sorted({c.peft_type.value.lower() for c in configs})
+    tags = ([f"base_model:adapter:{base_name}"] if base_name else []) + kinds + ["deltatune"]
+    header = ["---"] + ([f"base_model: {base_name}"] if base_name else []) + ["library_name: peft", "tags:"]
+    header += [f"- {tag}" for tag in tags] + ["---", ""]
+    body = [f"# {', '.join(kinds)} adapter{f' for {base_name}' if base_name else ''}", "",
+            "Saved with deltatune in the PEFT format: it loads with `peft.PeftModel.from_pretrained(base, path)` "
+            "or `deltatune.PeftModel.from_pretrained(base, path)`.", ""]
+    atomic_write_bytes(path, "\n".join(header + body).encode("utf-8"))
 
 
 def read_adapter_weights(directory: str, allow_pickle: bool = True) -> dict[str, Tensor]:
