@@ -215,3 +215,21 @@ def test_save_writes_a_model_card_and_keeps_an_existing_one(tmp_path):
     (tmp_path / "README.md").write_text("mine")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "README.md").read_text() == "mine"
+
+
+def test_torch_device_and_active_peft_config(tmp_path):
+    """peft's ``torch_device=`` (where the file's tensors are read to) and ``active_peft_config``."""
+    from deltatune import checkpoint as ckpt
+
+    model, path = _saved(tmp_path)
+    assert all(t.is_meta for t in ckpt.read_adapter(path, torch_device="meta").weights.values())
+    loaded = dt.PeftModel.from_pretrained(_mlp(16), path, torch_device="cpu")
+    loaded.load_adapter(path, "second", torch_device="cpu")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+    assert loaded.active_peft_config is loaded.peft_config["default"]
+    loaded.set_adapter("second")
+    assert loaded.active_peft_config is loaded.peft_config["second"]
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        dt.PeftModel.from_pretrained(_mlp(16), path, torch_devce="cpu")

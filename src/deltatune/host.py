@@ -66,6 +66,12 @@ class AdapterHost(nn.Module):
         return self._peft_model().active_adapter
 
     @property
+    def active_peft_config(self):
+        """The config of the (first) active adapter."""
+        owner = self._peft_model()
+        return owner.peft_config[owner.active_adapters[0]]
+
+    @property
     def prefix(self) -> str:
         """What the adapter tensors' names start with (``"lora_"``, ``"ia3_"``), from the adapters' method."""
         prefixes = {getattr(get_method(c.peft_type), "prefix", None) for c in self.peft_config.values()} - {None}

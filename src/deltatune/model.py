@@ -346,12 +346,11 @@ class PeftModel(nn.Module):
         adapter is created empty (no initialisation) and takes the file's tensors by assignment.
         ``key_mapping``: see :func:`deltatune.checkpoint.rename_keys`. ``ephemeral_gpu_offload`` is accepted
         for peft compatibility and changes nothing (DoRA's norms are computed where the weights are).
-        ``hub_kwargs`` (``token``, ``cache_dir``, ...) go to the Hub download.
+        ``torch_device``: where the file's tensors are read to; ``hub_kwargs`` (``token``, ``cache_dir``, ...)
+        go to the Hub download.
         """
-        directory = ckpt.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
-        config = config or PeftConfig.from_pretrained(directory)
-        config = config.replace(inference_mode=not is_trainable)
-        weights = ckpt.rename_keys(ckpt.read_adapter_weights(directory), key_mapping)
+        files = ckpt.read_adapter(model_id, subfolder, revision, key_mapping, config, **hub_kwargs)
+        config, weights = files.config.replace(inference_mode=not is_trainable), files.weights
         target_cls = (task_model(config.task_type) or PeftModel) if cls is PeftModel else cls
         undo = injection.Undo(model)  # taken before the adapter goes in: a failed load puts all of it back
         try:
@@ -377,9 +376,8 @@ class PeftModel(nn.Module):
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it first")
-        directory = ckpt.resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
-        config = PeftConfig.from_pretrained(directory).replace(inference_mode=not is_trainable)
-        weights = ckpt.rename_keys(ckpt.read_adapter_weights(directory), key_mapping)
+        files = ckpt.read_adapter(model_id, subfolder, revision, key_mapping, **hub_kwargs)
+        config, weights = files.config.replace(inference_mode=not is_trainable), files.weights
         undo = injection.Undo(self)  # this PeftModel and its model as they are before the adapter goes in
         self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
         try:

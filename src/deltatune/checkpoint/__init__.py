@@ -25,6 +25,8 @@ from .files import (
     HUB_KWARGS,
     PICKLE_NAME,
     SAFETENSORS_NAME,
+    AdapterFiles,
+    read_adapter,
     read_adapter_weights,
     resolve_adapter_dir,
     save_adapter,
@@ -38,5 +40,5 @@ __all__ = [
     "CheckpointError", "LoadResult", "adapted_module_names", "adapter_tensors", "state_dict_for_save", "load_into",
     "save_adapter_folder", "read_adapter_weights", "rename_keys", "resolve_adapter_dir", "atomic_write_bytes",
     "iter_modules", "HUB_KWARGS", "PICKLE_NAME", "ROOT", "SAFETENSORS_NAME", "convert_to_plain_lora",
-    "from_peft_keys", "save_adapter", "to_peft_keys", "warn_missing", "write_model_card",
+    "from_peft_keys", "save_adapter", "to_peft_keys", "warn_missing", "write_model_card", "read_adapter", "AdapterFiles",
 ]

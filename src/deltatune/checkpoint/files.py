@@ -4,15 +4,16 @@ atomically, read them back (safetensors, or a ``.bin`` loaded with ``weights_onl
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..config import PeftConfig
 from ..fileio import atomic_write, atomic_write_bytes
 from .convert import convert_to_plain_lora
 from .errors import CheckpointError
-from .keys import state_dict_for_save
+from .keys import rename_keys, state_dict_for_save
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -41,6 +42,27 @@ def save_adapter_folder(directory: str, tensors: dict[str, Tensor], config) -> N
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, SAFETENSORS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config.save_pretrained(directory)
+
+
+class AdapterFiles(NamedTuple):
+    """What :func:`read_adapter` read: the local folder, the config and the (renamed) weights."""
+
+    directory: str
+    config: object
+    weights: dict
+
+
+def read_adapter(model_id: str, subfolder: Optional[str] = None, revision: Optional[str] = None,
+                 key_mapping: Optional[dict] = None, config=None, torch_device=None, **hub_kwargs) -> AdapterFiles:
+    """Read an adapter folder (local or a Hub id) before anything is changed: its config (unless ``config``
+    is given), its weights with ``key_mapping`` applied, on ``torch_device`` (default: the CPU; peft's
+    argument: where the file's tensors are put before they are copied into the model)."""
+    directory = resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
+    config = config or PeftConfig.from_pretrained(directory)
+    weights = rename_keys(read_adapter_weights(directory), key_mapping)
+    if torch_device is not None:
+        weights = {k: v.to(torch_device) for k, v in weights.items()}
+    return AdapterFiles(directory, config, weights)
 
 
 MODEL_CARD_NAME = "README.md"
