@@ -67,8 +67,9 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
 
 
 def _bias(model: nn.Module, adapter_name: str, config: Optional[PeftConfig]) -> str:
-    if config is None and isinstance(model, PeftModel):
-        config = model.peft_config[adapter_name]
+    configs = getattr(model, "peft_config", None)  # (a PeftModel, or a wrapper such as FSDP around one)
+    if config is None and isinstance(configs, dict):
+        config = configs.get(adapter_name)
     return getattr(config, "bias", "none")
 
 
@@ -84,10 +85,11 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
         config: The adapter's config, needed for ``bias`` with a bare model.
     """
     live = ckpt.adapter_tensors(model, adapter_name, _bias(model, adapter_name, config), peft_layout=True, for_save=True)
-    live = ckpt.to_peft_keys(model, live, adapter_name)
+    # (an FSDP-wrapped model: keys as its own state_dict() and a saved adapter name them, without the wrappers)
+    live = ckpt.to_peft_keys(model, {ckpt.without_wrappers(k): v for k, v in live.items()}, adapter_name)
     if state_dict is None:
         return {k: v.detach() for k, v in live.items()}
-    internal = {id(t): n for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    internal = {id(t): ckpt.without_wrappers(n) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
     return {k: state_dict[internal[id(v)]] for k, v in live.items() if internal.get(id(v)) in state_dict}
 
 

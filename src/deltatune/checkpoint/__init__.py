@@ -33,12 +33,13 @@ from .files import (
     save_adapter_folder,
     write_model_card,
 )
-from .keys import ROOT, adapted_module_names, adapter_tensors, from_peft_keys, rename_keys, state_dict_for_save, to_peft_keys
+from .keys import (ROOT, adapted_module_names, adapter_tensors, from_peft_keys, rename_keys, state_dict_for_save,
+                   to_peft_keys, without_wrappers)
 from .load import LoadResult, load_into, warn_missing
 
 __all__ = [
     "CheckpointError", "LoadResult", "adapted_module_names", "adapter_tensors", "state_dict_for_save", "load_into",
     "save_adapter_folder", "read_adapter_weights", "rename_keys", "resolve_adapter_dir", "atomic_write_bytes",
     "iter_modules", "HUB_KWARGS", "PICKLE_NAME", "ROOT", "SAFETENSORS_NAME", "convert_to_plain_lora",
-    "from_peft_keys", "save_adapter", "to_peft_keys", "warn_missing", "write_model_card", "read_adapter", "AdapterFiles",
+    "from_peft_keys", "save_adapter", "to_peft_keys", "warn_missing", "write_model_card", "read_adapter", "AdapterFiles", "without_wrappers",
 ]

@@ -19,6 +19,18 @@ from .errors import CheckpointError
 #: The prefix of a PeftModel's keys for modules of the base model.
 ROOT = "base_model.model."
 
+#: Module names that wrappers insert into parameter names: FSDP (1) and activation checkpointing.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def without_wrappers(key: str) -> str:
+    """``key`` without the module names FSDP or checkpoint wrappers inserted (anywhere in it), as the
+    wrapped model's own ``state_dict()`` and a saved adapter name it."""
+    for segment in _WRAPPER_SEGMENTS:
+        if segment in key:
+            key = key.replace(segment, "")
+    return key
+
 
 def _hf_key(name: str, layer: nn.Module, role: str) -> str:
     return f"{name}.{checkpoint_suffixes(layer.checkpoint_kind)[role]}"

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..injection import assign_parameters
 from .errors import CheckpointError
-from .keys import adapter_tensors
+from .keys import adapter_tensors, without_wrappers
 
 
 class LoadResult(NamedTuple):
@@ -76,7 +76,7 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
 
 
 def _unwrapped(key: str) -> str:
-    return key.replace(".base_layer.", ".")
+    return without_wrappers(key).replace(".base_layer.", ".")
 
 
 def warn_missing(missing: list[str], adapter_name: str) -> None:
