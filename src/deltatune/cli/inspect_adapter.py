@@ -11,6 +11,7 @@ from safetensors import safe_open
 from ..checkpoint import SAFETENSORS_NAME, adapted_module_names
 from ..config import CONFIG_NAME, PeftConfig
 from ..registry import adapter_key_suffixes, prompt_checkpoint_keys, rank_key_suffixes
+from .options import UsageError
 from .report import human_bytes
 
 
@@ -37,8 +38,12 @@ def inspect_command(path: str) -> str:
     weights = os.path.join(folder, SAFETENSORS_NAME)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"no {SAFETENSORS_NAME} in {folder}")
-    with safe_open(weights, "pt") as fh:
-        shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
+    try:
+        with safe_open(weights, "pt") as fh:
+            shapes = {k: fh.get_slice(k).get_shape() for k in fh.keys()}
+    except Exception as exc:  # truncated or not safetensors at all
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{weights} is not a readable safetensors file ({detail})") from None
     params = sum(_numel(s) for s in shapes.values())
     modules = adapted_module_names(shapes)
     rank_suffixes = tuple(f".{s}" for s in rank_key_suffixes())

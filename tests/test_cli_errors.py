@@ -1,0 +1,78 @@
+"""The command line's rough edges (issue 18): errors are one line + exit 2, never a traceback; merge and
+inspect handle prompt-learning adapters and bases without a tokenizer; run files carry only their keys."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.cli import main
+from deltatune.cli.data import BUNDLED_TEST, read_rows
+from deltatune.cli.train import embedded_model_dir
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny BERT classifier with the MiniLM tokenizer, the same weights without one, and a small data file."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    bert.save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    bert.save_pretrained(root / "bert-no-tokenizer")
+    rows = read_rows(BUNDLED_TEST)
+    (root / "small.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
+    return root
+
+
+def _base(models, name="bert"):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(str(models / name))
+
+
+def _one_error_line(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    # transformers' progress bars ("Loading weights: 100%|...") may come first; nothing else may
+    lines = [line for line in err.strip().splitlines() if line.strip() and not re.search(r"\d+%\|", line)]
+    assert len(lines) == 1 and lines[0].startswith("deltatune: error:"), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _prompt_adapter(models, folder) -> None:
+    config = dt.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4,
+                                   base_model_name_or_path=str(models / "bert"))
+    dt.get_peft_model(_base(models), config).save_pretrained(str(folder))
+
+
+def _lora_adapter(models, folder, base="bert") -> None:
+    config = dt.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"],
+                           base_model_name_or_path=str(models / base))
+    model = dt.get_peft_model(_base(models, base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # a non-zero delta, so the merge changes the weights
+    model.save_pretrained(str(folder))
+
+
+def test_inspect_truncated_weights_is_one_line(models, tmp_path, capsys):
+    _lora_adapter(models, tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()  # drop the setup's progress bars
+    assert main(["inspect", str(tmp_path)]) == 2
+    _one_error_line(capsys, "adapter_model.safetensors", "not a readable safetensors file")
