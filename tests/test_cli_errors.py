@@ -76,3 +76,13 @@ def test_inspect_truncated_weights_is_one_line(models, tmp_path, capsys):
     capsys.readouterr()  # drop the setup's progress bars
     assert main(["inspect", str(tmp_path)]) == 2
     _one_error_line(capsys, "adapter_model.safetensors", "not a readable safetensors file")
+
+
+def test_train_target_matching_nothing_is_one_line(models, tmp_path, capsys):
+    output = tmp_path / "run"
+    args = ["train", "--model", str(models / "bert"), "--data", str(models / "small.jsonl"), "--epochs", "1",
+            "--no-baseline", "--target", "no_such_module", "--output", str(output)]
+    capsys.readouterr()
+    assert main(args) == 2
+    _one_error_line(capsys, "no_such_module")
+    assert not output.exists() and not any(p.name.startswith("run.partial") for p in tmp_path.iterdir())

@@ -14,6 +14,10 @@ from typing import Optional, Sequence
 from .options import UsageError, add_run_arguments, given_options, resolve
 
 
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning, peft-compatible.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,14 +68,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(inspect_command(args.adapter))
     except (UsageError, FileNotFoundError) as exc:
-        print(f"deltatune: error: {exc}", file=sys.stderr)
+        print(f"deltatune: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # library errors (bad checkpoint, config) are user-facing too
         from ..checkpoint import CheckpointError
         from ..config import ConfigError
+        from ..targeting import TargetError
 
-        if isinstance(exc, (CheckpointError, ConfigError)):
-            print(f"deltatune: error: {exc}", file=sys.stderr)
+        if isinstance(exc, (CheckpointError, ConfigError, TargetError)):
+            print(f"deltatune: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         raise
     return 0
