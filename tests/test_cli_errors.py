@@ -86,3 +86,12 @@ def test_train_target_matching_nothing_is_one_line(models, tmp_path, capsys):
     assert main(args) == 2
     _one_error_line(capsys, "no_such_module")
     assert not output.exists() and not any(p.name.startswith("run.partial") for p in tmp_path.iterdir())
+
+
+def test_merge_prompt_adapter_is_refused(models, tmp_path, capsys):
+    _prompt_adapter(models, tmp_path / "adapter")
+    output = tmp_path / "merged"
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "adapter"), "--output", str(output)]) == 2
+    _one_error_line(capsys, "PROMPT_TUNING", "no weights to merge")
+    assert not output.exists()

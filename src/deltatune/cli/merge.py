@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoint import read_adapter_weights
 from ..config import PeftConfig, TaskType
+from ..methods.prompt_tuning.config import PromptTuningConfig
 from ..model import PeftModel
 from .data import BUNDLED_TEST, read_rows
 from .inspect_adapter import adapter_folder
@@ -64,6 +65,9 @@ def merge_command(path: str, output: str, model_override: str | None = None) -> 
     quiet_transformers()
     folder = adapter_folder(path)
     config = PeftConfig.from_pretrained(folder)
+    if isinstance(config, PromptTuningConfig):
+        raise UsageError(f"{folder} is a {config.peft_type.value} adapter: its virtual tokens are inputs, not "
+                         "changes to the base weights, so there are no weights to merge")
     base_path = model_override or config.base_model_name_or_path
     if not base_path or not os.path.isdir(base_path):
         raise UsageError(f"base model folder {base_path!r} not found; pass --model")
