@@ -95,3 +95,16 @@ def test_merge_prompt_adapter_is_refused(models, tmp_path, capsys):
     assert main(["merge", str(tmp_path / "adapter"), "--output", str(output)]) == 2
     _one_error_line(capsys, "PROMPT_TUNING", "no weights to merge")
     assert not output.exists()
+
+
+@pytest.mark.parametrize("flag", [["--method", "dora"], ["--seed", "5"]])
+def test_ab_refuses_single_run_flags(models, tmp_path, flag, capsys):
+    """Choice: ``ab`` refuses ``--method``/``--seed`` (argparse error, exit 2) instead of ignoring them;
+    it compares ``--methods`` over ``--seeds``, so a single method or seed has no obvious meaning there."""
+    args = ["ab", "--model", str(models / "bert"), "--data", str(models / "small.jsonl"), "--epochs", "1",
+            "--output", str(tmp_path / "ab"), *flag]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert flag[0] in capsys.readouterr().err
+    assert not (tmp_path / "ab").exists()

@@ -14,6 +14,13 @@ from typing import Optional, Sequence
 from .options import UsageError, add_run_arguments, given_options, resolve
 
 
+class _RefuseSingular(argparse.Action):
+    """``ab --method``/``--seed``: an argparse error (exit 2) pointing at the plural flag, not ignored."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"ab compares several runs: use {option_string}s, not {option_string}")
+
+
 def _one_line(exc: BaseException) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
@@ -30,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the head-only baseline run")
 
     ab = sub.add_parser("ab", help="A/B test: head-only baseline vs each method over several seeds")
-    add_run_arguments(ab)
+    add_run_arguments(ab, single_run=False)  # ab takes --methods/--seeds, not --method/--seed
     ab.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     ab.add_argument("--methods", nargs="+", help="methods to compare (default: lora dora)")
+    for singular in ("--method", "--seed"):  # exact names, else argparse would take them as --methods/--seeds
+        ab.add_argument(singular, nargs="+", action=_RefuseSingular, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     merge = sub.add_parser("merge", help="merge an adapter into its base and save a plain transformers model")
     merge.add_argument("adapter", help="a run folder or an adapter folder")

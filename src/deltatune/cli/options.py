@@ -118,8 +118,11 @@ def validate(o: RunOptions) -> None:
             raise UsageError(f"data file {path!r} does not exist")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by ``train`` and ``ab``; defaults are None so we can tell which were given."""
+def add_run_arguments(parser: argparse.ArgumentParser, single_run: bool = True) -> None:
+    """Flags shared by ``train`` and ``ab``; defaults are None so we can tell which were given.
+
+    ``--method`` and ``--seed`` name one run, so only ``train`` (``single_run``) takes them; ``ab`` has
+    ``--methods``/``--seeds`` and refuses the singular flags rather than ignoring them."""
     a = parser.add_argument
     a("--config", help="YAML or JSON file with any of these options (flags override it)")
     a("--model", help="local transformers model folder (default: the embedded MiniLM-L6 encoder)")
@@ -128,7 +131,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     a("--test-fraction", dest="test_fraction", type=float,
       help="share of --data held out for evaluation when no --test-data is given (default 0.2)")
     a("--task", help=f"one of {list(TASKS)} (default seq-cls)")
-    a("--method", help=f"adapter method, one of {list(METHODS)} (default lora)")
+    if single_run:
+        a("--method", help=f"adapter method, one of {list(METHODS)} (default lora)")
     a("--r", type=int, help="adapter rank (default 8)")
     a("--alpha", type=float, help="lora_alpha (default 16)")
     a("--dropout", type=float, help="adapter dropout (default 0.05)")
@@ -138,7 +142,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     a("--baseline-lr", dest="baseline_lr", type=float, help="head-only baseline learning rate (default 5e-3)")
     a("--batch-size", dest="batch_size", type=int, help="global batch size (default 16)")
     a("--max-length", dest="max_length", type=int, help="max tokens per example (default 64)")
-    a("--seed", type=int, help="random seed (default 0)")
+    if single_run:
+        a("--seed", type=int, help="random seed (default 0)")
     a("--output", help="run folder (default runs/<task>-<method>-<time>)")
     a("--overwrite", action="store_const", const=True, help="replace an existing run folder")
 
