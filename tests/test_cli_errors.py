@@ -108,3 +108,37 @@ def test_ab_refuses_single_run_flags(models, tmp_path, flag, capsys):
     assert exc.value.code == 2
     assert flag[0] in capsys.readouterr().err
     assert not (tmp_path / "ab").exists()
+
+
+def test_merge_without_a_tokenizer(models, tmp_path, capsys, monkeypatch):
+    """A base folder without tokenizer files merges (no tokenizer is loaded or copied: older transformers
+    fail to load one, newer ones build an empty-vocabulary one, simulated by failing here)."""
+    from transformers import AutoModelForSequenceClassification
+
+    import deltatune.cli.merge as merge_module
+    from deltatune.cli.options import UsageError
+
+    real_load_tokenizer = merge_module.load_tokenizer
+
+    def load_tokenizer(path):
+        if not (Path(path) / "tokenizer_config.json").is_file():
+            raise UsageError(f"could not load a tokenizer from {path!r}")
+        return real_load_tokenizer(path)
+
+    monkeypatch.setattr(merge_module, "load_tokenizer", load_tokenizer)
+
+    _lora_adapter(models, tmp_path / "adapter", base="bert-no-tokenizer")
+    output = tmp_path / "merged"
+    assert main(["merge", str(tmp_path / "adapter"), "--output", str(output)]) == 0, capsys.readouterr().err
+    assert (output / "config.json").is_file()
+    assert not any((output / f).exists() for f in ("tokenizer_config.json", "tokenizer.json", "vocab.txt"))
+    merged = AutoModelForSequenceClassification.from_pretrained(str(output)).eval()
+    adapted = dt.PeftModel.from_pretrained(_base(models, "bert-no-tokenizer"), str(tmp_path / "adapter")).eval()
+    ids = torch.arange(1, 17).reshape(2, 8)
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - adapted(input_ids=ids).logits).abs().max() <= 1e-5
+
+    # with a tokenizer in the base folder, it is still copied
+    _lora_adapter(models, tmp_path / "adapter2")
+    assert main(["merge", str(tmp_path / "adapter2"), "--output", str(tmp_path / "merged2")]) == 0
+    assert (tmp_path / "merged2" / "tokenizer_config.json").is_file()

@@ -55,6 +55,31 @@ def _sample_texts() -> list[str]:
     return [row["text"] for row in read_rows(BUNDLED_TEST)[:8]]
 
 
+#: Files a saved tokenizer folder holds (``save_pretrained`` writes the first; the others are vocabularies).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model")
+
+
+def _tokenizer_and_inputs(path: str, base_path: str, config):
+    """The run's (or base's) tokenizer and sample inputs from it; with no tokenizer files in either folder,
+    ``(None, inputs)`` of fixed token ids: merging weights does not need one. (Recent transformers build an
+    empty-vocabulary tokenizer for such a folder instead of failing, so we look for the files.)"""
+    candidates = (os.path.join(path, "tokenizer"), base_path)
+    tokenizer_dir = next((d for d in candidates if any(os.path.isfile(os.path.join(d, f)) for f in TOKENIZER_FILES)),
+                         None)
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    if tokenizer is not None:
+        inputs = dict(tokenizer(_sample_texts(), padding=True, return_tensors="pt"))
+    else:
+        from transformers import AutoConfig
+
+        vocab = getattr(AutoConfig.from_pretrained(base_path), "vocab_size", None) or 100
+        ids = torch.randint(0, vocab, (4, 16), generator=torch.Generator().manual_seed(0))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "token_type_ids" in inputs and config.task_type == TaskType.CAUSAL_LM:
+        inputs.pop("token_type_ids")
+    return tokenizer, inputs
+
+
 def _outputs(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         out = model(**inputs)
@@ -75,11 +100,7 @@ def merge_command(path: str, output: str, model_override: str | None = None) -> 
         raise UsageError(f"output folder {output!r} already exists and is not empty")
     auto = _auto_class(config.task_type)
     extra = _labels(path, folder, config)
-    tokenizer_dir = os.path.join(path, "tokenizer") if os.path.isdir(os.path.join(path, "tokenizer")) else base_path
-    tokenizer = load_tokenizer(tokenizer_dir)
-    inputs = dict(tokenizer(_sample_texts(), padding=True, return_tensors="pt"))
-    if "token_type_ids" in inputs and config.task_type == TaskType.CAUSAL_LM:
-        inputs.pop("token_type_ids")
+    tokenizer, inputs = _tokenizer_and_inputs(path, base_path, config)
 
     adapted = PeftModel.from_pretrained(auto.from_pretrained(base_path, **extra), folder).eval()
     want = _outputs(adapted, inputs)
@@ -87,7 +108,8 @@ def merge_command(path: str, output: str, model_override: str | None = None) -> 
     tmp = os.path.abspath(output) + f".partial-{os.getpid()}"
     try:
         merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # copied when there is one; the weights do not need it
+            tokenizer.save_pretrained(tmp)
         reloaded = auto.from_pretrained(tmp).eval()
         diff = (_outputs(reloaded, inputs) - want).abs().max().item()
         if diff > TOLERANCE:
