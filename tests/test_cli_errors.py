@@ -142,3 +142,16 @@ def test_merge_without_a_tokenizer(models, tmp_path, capsys, monkeypatch):
     _lora_adapter(models, tmp_path / "adapter2")
     assert main(["merge", str(tmp_path / "adapter2"), "--output", str(tmp_path / "merged2")]) == 0
     assert (tmp_path / "merged2" / "tokenizer_config.json").is_file()
+
+
+def test_classification_run_files_carry_only_their_keys(models, tmp_path):
+    output = tmp_path / "run"
+    assert main(["train", "--model", str(models / "bert"), "--data", str(models / "small.jsonl"), "--epochs", "1",
+                 "--output", str(output)]) == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    for run in (metrics["adapter"], metrics["baseline"]):
+        assert "eval_accuracy" in run["final"] and "eval_loss" in run["final"]
+        assert not any("perplexity" in key for row in run["history"] for key in row), run["history"]
+    config = json.loads((output / "config.json").read_text())
+    assert config["method"] == "lora" and "seed" in config
+    assert "seeds" not in config and "methods" not in config and "output" not in config

@@ -146,7 +146,7 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
         warnings.filterwarnings("ignore", message=".*(gloo|barrier|find_unused_parameters).*")
         trainer.train()
     seconds = time.perf_counter() - start
-    return FitResult(name, _history(trainer.state.log_history), {}, seconds, trainable, total)
+    return FitResult(name, _history(trainer.state.log_history, o.task), {}, seconds, trainable, total)
 
 
 class EpochPermutationSampler(torch.utils.data.Sampler):
@@ -175,8 +175,9 @@ def _accuracy(prediction) -> dict:
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
-def _history(log: list[dict]) -> list[dict]:
-    """Per-epoch rows from the Trainer's log (train loss, eval loss/accuracy, perplexity for LMs)."""
+def _history(log: list[dict], task: str) -> list[dict]:
+    """Per-epoch rows from the Trainer's log (train loss, eval loss, accuracy for classification,
+    perplexity for language models only: exp of a cross-entropy over labels is no perplexity)."""
     rows: dict[int, dict] = {}
     for entry in log:
         if "epoch" not in entry:
@@ -186,7 +187,8 @@ def _history(log: list[dict]) -> list[dict]:
             row["train_loss"] = entry["loss"]
         if "eval_loss" in entry:
             row["eval_loss"] = entry["eval_loss"]
-            row["eval_perplexity"] = math.exp(min(entry["eval_loss"], 50))
+            if task != "seq-cls":
+                row["eval_perplexity"] = math.exp(min(entry["eval_loss"], 50))
         if "eval_accuracy" in entry:
             row["eval_accuracy"] = entry["eval_accuracy"]
     return [rows[k] for k in sorted(rows)]
@@ -243,6 +245,10 @@ def quiet_transformers() -> None:
     transformers.logging.set_verbosity_error()
 
 
+#: Options left out of a run's ``config.json``: where it was written, and ``deltatune ab``'s own keys.
+RUN_ONLY_KEYS = ("output", "overwrite", "seeds", "methods")
+
+
 def train_command(o: RunOptions) -> dict:
     """The whole job: baseline, adapter run, adapter save, metrics, plot, resolved config."""
     from . import report
@@ -263,7 +269,7 @@ def train_command(o: RunOptions) -> dict:
         metrics = report.metrics(o, data, base_path, adapter_dir, baseline, result)
         with open(os.path.join(workdir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)
-        repeatable = {k: v for k, v in o.to_dict().items() if k not in ("output", "overwrite")}
+        repeatable = {k: v for k, v in o.to_dict().items() if k not in RUN_ONLY_KEYS}
         with open(os.path.join(workdir, "config.json"), "w") as fh:
             json.dump(repeatable, fh, indent=2)  # `deltatune train --config <run>/config.json` repeats it
         report.plot(os.path.join(workdir, "training.png"), [r for r in (baseline, result) if r is not None], o.task)
