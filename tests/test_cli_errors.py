@@ -155,3 +155,15 @@ def test_classification_run_files_carry_only_their_keys(models, tmp_path):
     config = json.loads((output / "config.json").read_text())
     assert config["method"] == "lora" and "seed" in config
     assert "seeds" not in config and "methods" not in config and "output" not in config
+
+
+def test_inspect_prompt_adapter_shows_its_fields(models, tmp_path, capsys):
+    _prompt_adapter(models, tmp_path)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    fields = dict(line.split(":", 1) for line in out.splitlines())
+    assert fields["peft_type"].strip() == "PROMPT_TUNING" and fields["task_type"].strip() == "SEQ_CLS"
+    assert fields["num_virtual_tokens"].strip() == "4" and fields["token_dim"].strip() == "32"
+    assert "rank(s)" not in fields and "targets" not in fields
+    assert "peft format" in fields and fields["peft format"].strip().startswith("yes")

@@ -10,9 +10,15 @@ from safetensors import safe_open
 
 from ..checkpoint import SAFETENSORS_NAME, adapted_module_names
 from ..config import CONFIG_NAME, PeftConfig
+from ..methods.prompt_tuning.config import PromptTuningConfig
 from ..registry import adapter_key_suffixes, prompt_checkpoint_keys, rank_key_suffixes
 from .options import UsageError
 from .report import human_bytes
+
+#: The fields shown for a prompt-learning adapter (prompt tuning, prefix tuning, p-tuning), when set.
+PROMPT_FIELDS = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                 "num_layers", "prompt_tuning_init", "encoder_hidden_size", "prefix_projection",
+                 "encoder_reparameterization_type")
 
 
 def peft_key_pattern() -> re.Pattern:
@@ -56,9 +62,19 @@ def inspect_command(path: str) -> str:
     lines = [
         f"adapter:      {folder}",
         f"method:       {config.peft_type.value}" + (f" (task {config.task_type.value})" if config.task_type else ""),
-        f"rank(s):      {ranks} (r={getattr(config, 'r', '-')}, alpha={getattr(config, 'lora_alpha', '-')}"
-        + (", rsLoRA" if getattr(config, "use_rslora", False) else "") + ")",
-        f"targets:      {getattr(config, 'target_modules', None)!r} -> {len(modules)} adapted modules",
+    ]
+    if isinstance(config, PromptTuningConfig):  # virtual tokens: no ranks, targets or adapted modules
+        lines += [f"peft_type:    {config.peft_type.value}",
+                  f"task_type:    {config.task_type.value if config.task_type else None}"]
+        lines += [f"{name + ':':<13} {getattr(config, name)}" for name in PROMPT_FIELDS
+                  if getattr(config, name, None) is not None]
+    else:
+        lines += [
+            f"rank(s):      {ranks} (r={getattr(config, 'r', '-')}, alpha={getattr(config, 'lora_alpha', '-')}"
+            + (", rsLoRA" if getattr(config, "use_rslora", False) else "") + ")",
+            f"targets:      {getattr(config, 'target_modules', None)!r} -> {len(modules)} adapted modules",
+        ]
+    lines += [
         f"saved whole:  {getattr(config, 'modules_to_save', None)}",
         f"parameters:   {params:,} in {len(shapes)} tensors",
         f"file size:    {human_bytes(os.path.getsize(weights))}",
