@@ -249,3 +249,13 @@ def _fresh_dynamo():
     yield
     if "torch._dynamo" in sys.modules:
         torch._dynamo.reset()
+
+
+def cli_bert(vocab_size: int):
+    """The tiny BERT classifier the command-line tests train (dropout off, seeded)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))

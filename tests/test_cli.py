@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cli_bert
 from deltatune.cli import main
 from deltatune.cli.data import BUNDLED_TEST, read_rows
 from deltatune.cli.train import embedded_model_dir
@@ -30,14 +31,11 @@ def default_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """Tiny BERT classifier and GPT-2 LM folders sharing the MiniLM tokenizer (no downloads)."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     root = tmp_path_factory.mktemp("models")
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    torch.manual_seed(0)
-    bert = BertForSequenceClassification(BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    bert = cli_bert(tokenizer.vocab_size)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64))
     for name, model in (("bert", bert), ("gpt2", gpt2)):
         model.save_pretrained(root / name)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from conftest import cli_bert
 from deltatune.cli import main
 from deltatune.cli.data import BUNDLED_TEST, read_rows
 from deltatune.cli.train import embedded_model_dir
@@ -20,14 +21,11 @@ from deltatune.cli.train import embedded_model_dir
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny BERT classifier with the MiniLM tokenizer, the same weights without one, and a small data file."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("models")
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    torch.manual_seed(0)
-    bert = BertForSequenceClassification(BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    bert = cli_bert(tokenizer.vocab_size)
     bert.save_pretrained(root / "bert")
     tokenizer.save_pretrained(root / "bert")
     bert.save_pretrained(root / "bert-no-tokenizer")
