@@ -57,9 +57,7 @@ class LoraVariant:
         adapters run the rank-r products in the base's dtype), from the layer's cache; built for this call
         alone where nothing may be cached (see :class:`~.cache.LayerCache`), so that the route's arithmetic,
         and so its rounding, never depends on whether a cache was at hand."""
-        params = ad._parameters  # (dict lookups: this runs per layer per decoded token)
-        entry = layer.cache.lookup(ad, (params["lora_A"], params["lora_B"], params["lora_magnitude_vector"],
-                                        weight, bias), ad.scaling)
+        entry = _entry(layer, ad, weight, bias)
         if entry is None:
             with torch.no_grad():
                 return self._build_factors(layer, ad, weight, bias, dtype)
@@ -105,8 +103,7 @@ class DoraVariant(LoraVariant):
         """Detached ``||W + s B A||`` per output channel, ``(out,)``: ``||w_i||^2 + 2 s b_i . (A w_i) +
         s^2 b_i^T (A A^T) b_i`` (:func:`~.functional.dora_row_norm`), cached while its tensors are unchanged."""
         weight = layer.base_layer.weight
-        entry = layer.cache.lookup(ad, (ad.lora_A, ad.lora_B, ad.lora_magnitude_vector, weight,
-                                        getattr(layer.base_layer, "bias", None)), ad.scaling) if cached else None
+        entry = _entry(layer, ad, weight, getattr(layer.base_layer, "bias", None)) if cached else None
         if entry is not None and entry.norm is not None:
             return entry.norm
         # Built outside inference mode even when called inside it: the same cached norm serves training later
@@ -163,6 +160,14 @@ class DoraVariant(LoraVariant):
         restored = LF.dora_unmerged_weight(weight, layer.delta_weight(name), ad.lora_magnitude_vector.detach().reshape(-1),
                                            norm, layer._weight_out_dim)
         return restored.to(weight.dtype)
+
+
+def _entry(layer, ad, weight: Tensor, bias: Optional[Tensor]):
+    """Adapter ``ad``'s cache entry: one per adapter for all it derives (norm, factors), built from the same
+    tensors; None where nothing may be cached."""
+    params = ad._parameters  # (dict lookups: this runs per layer per decoded token)
+    return layer.cache.lookup(ad, (params["lora_A"], params["lora_B"], params["lora_magnitude_vector"], weight, bias),
+                              ad.scaling)
 
 
 LORA = LoraVariant()

@@ -40,13 +40,15 @@ class _Holder:
 class _View(Mapping):
     """``{adapter name: value}`` over a layer's adapters; ``read`` gives the value of one adapter."""
 
-    def __init__(self, layer, read):
-        self._layer, self._read = layer, read
+    def __init__(self, layer, read, only=None):
+        self._layer, self._read, self._only = layer, read, only  # only: which adapters belong (None: all)
 
     def _names(self) -> list[str]:
-        return list(self._layer.adapters)
+        return [n for n, ad in self._layer.adapters.items() if self._only is None or self._only(ad)]
 
     def __getitem__(self, name: str):
+        if name not in self._names():
+            raise KeyError(name)
         return self._read(self._layer.adapters[name])
 
     def __iter__(self) -> Iterator[str]:
@@ -77,15 +79,8 @@ def _tensor_view(role: str):
 
 def _magnitudes(layer) -> _View:
     """DoRA adapters only (as in peft, where the mapping holds the adapters that use DoRA)."""
-    only = {n: ad for n, ad in layer.adapters.items() if ad.lora_magnitude_vector is not None}
-    return _View(_Filtered(only), lambda ad: _Holder(ad, "lora_magnitude_vector"))
-
-
-class _Filtered:
-    """A layer-like object whose ``adapters`` are a subset (for :func:`_magnitudes`)."""
-
-    def __init__(self, adapters: dict):
-        self.adapters = adapters
+    return _View(layer, lambda ad: _Holder(ad, "lora_magnitude_vector"),
+                 only=lambda ad: ad.lora_magnitude_vector is not None)
 
 
 lora_A = _tensor_view("lora_A")
