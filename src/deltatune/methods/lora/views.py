@@ -2,12 +2,20 @@
 
 Code written for peft reads and edits adapters through ``layer.lora_A[name].weight``,
 ``layer.lora_B[name].weight``, ``layer.lora_magnitude_vector[name].weight``, ``layer.r[name]``,
-``layer.scaling[name]`` and ``layer.lora_dropout[name]``. deltatune keeps one :class:`~.layer.LoraAdapter`
-per name instead; these mappings read and write its fields, so the two never disagree.
+``layer.scaling[name]``, ``layer.lora_alpha[name]`` and ``layer.lora_dropout[name]``. deltatune keeps one
+:class:`~.layer.LoraAdapter` per name instead; these mappings read and write its fields, so the two never
+disagree.
+
+``lora_alpha`` is not stored: an adapter holds only its scaling ``s``, and alpha is read back as
+``s * r`` (``s * sqrt(r)`` for an rsLoRA adapter, one whose ``use_rslora`` attribute is true). Writing
+alpha therefore sets ``s`` to ``alpha / r`` (``alpha / sqrt(r)``). peft keeps alpha in a separate dict,
+where a write changes nothing until ``set_scale`` / ``unscale_layer`` recomputes the scaling from it; here
+the write takes effect at once, as that recomputation would.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, MutableMapping
 from typing import Iterator
 
@@ -71,6 +79,29 @@ class _Scalings(_View, MutableMapping):
         raise TypeError("delete the adapter itself (delete_adapter), not its scaling")
 
 
+def _alpha_divisor(adapter) -> float:
+    """What alpha is divided by to give the scaling: ``r``, or ``sqrt(r)`` for an rsLoRA adapter."""
+    return math.sqrt(adapter.r) if getattr(adapter, "use_rslora", False) else adapter.r
+
+
+class _Alphas(_View, MutableMapping):
+    """``layer.lora_alpha``: read as ``s * r`` (rsLoRA: ``s * sqrt(r)``); a write sets ``s`` from it."""
+
+    def __setitem__(self, name: str, value: float) -> None:
+        # A bool is an int to Python, but lora_alpha=True is a mistake, not the number 1.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TypeError(f"lora_alpha[{name!r}] must be a finite number, got {value!r}")
+        adapter = self._layer.adapters[name]
+        adapter.set_scaling(value / _alpha_divisor(adapter))
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("delete the adapter itself (delete_adapter), not its lora_alpha")
+
+
+def _read_alpha(adapter) -> float:
+    return float(adapter.scaling) * _alpha_divisor(adapter)
+
+
 def _tensor_view(role: str):
     def view(layer) -> _View:
         return _View(layer, lambda ad: _Holder(ad, role))
@@ -89,11 +120,13 @@ lora_magnitude_vector = property(_magnitudes, doc=_magnitudes.__doc__)
 r = property(lambda layer: _View(layer, lambda ad: ad.r), doc="peft's ``r[name]``: adapter ``name``'s rank.")
 scaling = property(lambda layer: _Scalings(layer, lambda ad: ad.scaling),
                    doc="peft's ``scaling[name]``: adapter ``name``'s ``s`` (writable).")
+lora_alpha = property(lambda layer: _Alphas(layer, _read_alpha),
+                      doc="peft's ``lora_alpha[name]``: adapter ``name``'s alpha (writable; sets its scaling).")
 lora_dropout = property(lambda layer: _View(layer, lambda ad: nn.Dropout(ad.dropout) if ad.dropout else nn.Identity()),
                         doc="peft's ``lora_dropout[name]``: a module applying adapter ``name``'s dropout rate.")
 
 #: The names :func:`install` puts on a layer class.
-NAMES = ("lora_A", "lora_B", "lora_magnitude_vector", "r", "scaling", "lora_dropout")
+NAMES = ("lora_A", "lora_B", "lora_magnitude_vector", "r", "scaling", "lora_alpha", "lora_dropout")
 
 
 def install(cls: type) -> type:
