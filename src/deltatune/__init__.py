@@ -39,8 +39,20 @@ from .targeting import TargetError
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # AdapterCheckpointCallback subclasses transformers' TrainerCallback, and importing that pulls in
+    # transformers' trainer utilities (seconds): loaded on first use, not on every `import deltatune`.
+    if name == "AdapterCheckpointCallback":
+        from .trainer_callback import AdapterCheckpointCallback
+
+        return AdapterCheckpointCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AdaLoraConfig",
+    "AdapterCheckpointCallback",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForFeatureExtraction",
