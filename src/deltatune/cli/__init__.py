@@ -1,4 +1,4 @@
-"""The ``deltatune`` command: ``train``, ``ab``, ``merge`` and ``inspect``.
+"""The ``deltatune`` command: ``train``, ``ab``, ``merge``, ``inspect`` and ``serve``.
 
 Errors in what the user gave (a missing folder, a bad data file, an unknown method) are printed as one
 line starting with ``deltatune: error:`` and exit with status 2; nothing half-written is left behind.
@@ -12,6 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from .options import UsageError, add_run_arguments, given_options, resolve
+from .serve import add_serve_arguments
 
 
 class _RefuseSingular(argparse.Action):
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="describe an adapter folder")
     inspect.add_argument("adapter", help="a run folder or an adapter folder")
+
+    serve = sub.add_parser("serve", help="serve a base model and its adapters over an OpenAI-compatible HTTP API")
+    add_serve_arguments(serve)
     return parser
 
 
@@ -68,6 +72,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 from .ab import ab_command
 
                 ab_command(options)
+        elif args.command == "serve":
+            from .serve import serve_command
+
+            serve_command(args)
         elif args.command == "merge":
             from .merge import merge_command
 

@@ -1,0 +1,95 @@
+"""``deltatune serve``: the HTTP server for many adapters on one base model (see :mod:`deltatune.serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from .options import UsageError
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``serve`` subcommand's flags."""
+    a = p.add_argument
+    a("--model", help="base model folder (default: the embedded MiniLM-L6 encoder)")
+    a("--adapter", action="append", default=[], metavar="NAME=PATH",
+      help="serve the adapter folder (or run folder) PATH as NAME; repeatable; never evicted")
+    a("--adapter-root", help="folder that POST /v1/load_lora_adapter may load from (default: runtime loading off)")
+    a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    a("--port", type=int, default=8000, help="port (default 8000)")
+    a("--served-model-name", help="the base model's name in requests (default: from the folder)")
+    a("--max-loaded-adapters", type=int, help="adapters on the device at most; others reload on demand")
+    a("--max-batch-size", type=int, default=32, help="rows per model batch at most (default 32)")
+    a("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more rows (default 5)")
+    a("--api-key", help="require 'Authorization: Bearer KEY' (default: $DELTATUNE_API_KEY, else none)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    a("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    a("--max-input-tokens", type=int, help="longest input accepted (default: the model's limit)")
+    a("--max-inputs", type=int, default=256, help="inputs per request at most (default 256)")
+    a("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    a("--request-timeout", type=float, default=60.0, help="seconds before a request gets a 504 (default 60)")
+    a("--batching", default="auto", choices=["auto", "mixed", "grouped"],
+      help="mixed-adapter batches: probe once (auto), always, or one call per adapter (grouped)")
+    a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _adapter_pairs(values: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--adapter takes NAME=PATH, got {value!r}")
+        if os.path.isfile(os.path.join(path, "adapter", "adapter_config.json")):
+            path = os.path.join(path, "adapter")  # a `deltatune train` run folder
+        pairs.append((name, path))
+    return pairs
+
+
+class _JsonLogs(logging.Formatter):
+    """One JSON object per log line (time, level, logger, message and any ``extra`` fields)."""
+
+    _PLAIN = set(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
+                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        entry.update({k: v for k, v in vars(record).items() if k not in self._PLAIN and k != "message"})
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def serve_command(args: argparse.Namespace) -> None:
+    """Build the server and run it until SIGINT/SIGTERM (in-flight requests finish first)."""
+    try:
+        import uvicorn
+
+        from ..serve import DeltaServer, ServeConfig, ServeError, build_app
+    except ImportError as exc:
+        raise UsageError(f"deltatune serve needs the serve extra (pip install 'deltatune[serve]'): {exc}") from None
+    from .train import quiet_transformers
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLogs())
+    logger = logging.getLogger("deltatune.serve")
+    logger.handlers[:] = [handler]
+    logger.setLevel(args.log_level.upper())
+    logger.propagate = False
+    quiet_transformers()
+    config = ServeConfig(
+        model=args.model, adapters=_adapter_pairs(args.adapter), adapter_root=args.adapter_root,
+        served_model_name=args.served_model_name, max_loaded_adapters=args.max_loaded_adapters,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        api_key=args.api_key or os.environ.get("DELTATUNE_API_KEY") or None, dtype=args.dtype, device=args.device,
+        max_input_tokens=args.max_input_tokens, max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout, batching=args.batching)
+    try:
+        server = DeltaServer(config)
+    except ServeError as exc:
+        raise UsageError(exc.message) from None
+    uvicorn.Server(uvicorn.Config(build_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                                  access_log=False, timeout_graceful_shutdown=config.request_timeout)).run()

@@ -1,0 +1,128 @@
+"""The base model and its adapters, owned by the server's worker thread.
+
+Every method that changes the model (:meth:`ModelHost.load`, :meth:`ModelHost.unload`,
+:meth:`ModelHost.ensure_loaded`) runs on the one thread that also runs the forwards, between batches, so a
+forward never sees a half-injected adapter. Other threads only read :attr:`ModelHost.specs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Iterable, Optional
+
+from torch import nn
+
+from .adapters import AdapterSpec
+from .dispatch import Dispatcher
+from .errors import ServeError
+
+
+class ModelHost:
+    """A base model, the adapters it may serve (``specs``) and those on the device now (LRU order).
+
+    Args:
+        model: The base transformers model, in eval mode, on its device.
+        peft_class: The PeftModel class the first adapter is loaded with (its ``from_pretrained``).
+        max_loaded: At most this many adapters on the device (None: no limit); pinned ones count.
+        dispatch: Batching mode for :class:`~.dispatch.Dispatcher` (auto, mixed, grouped).
+    """
+
+    def __init__(self, model: nn.Module, peft_class: type, max_loaded: Optional[int] = None, dispatch: str = "auto"):
+        if max_loaded is not None and max_loaded < 1:
+            raise ValueError("max_loaded must be at least 1")
+        self.base, self.peft_class, self.max_loaded = model, peft_class, max_loaded
+        self.peft = None  # the PeftModel, made when the first adapter is loaded
+        self.base_params = {n for n, _ in model.named_parameters()}
+        self.specs: dict[str, AdapterSpec] = {}
+        self.loaded: "OrderedDict[str, None]" = OrderedDict()  # least recently used first
+        self.dispatcher = Dispatcher(self.activate, dispatch)
+        self.loads = 0  # adapter loads from disk, first loads and reloads after eviction
+
+    @property
+    def model(self) -> nn.Module:
+        """What to call: the PeftModel once an adapter was loaded, else the base."""
+        return self.peft if self.peft is not None else self.base
+
+    @contextlib.contextmanager
+    def activate(self, name: Optional[str]):
+        """Run adapter ``name`` alone inside the block (None: the base model, adapters switched off)."""
+        if self.peft is None:
+            yield
+        elif name is None:
+            with self.peft.disable_adapter():
+                yield
+        else:
+            self.peft.set_adapter(name)
+            yield
+
+    # ------------------------------------------------------------------ adapters (worker thread only)
+    def add(self, spec: AdapterSpec) -> None:
+        """Register ``spec`` and load it now, so a bad adapter is refused at once. On error nothing
+        changes (the load itself puts the model back)."""
+        if spec.name in self.specs:
+            raise ServeError(409, f"an adapter named {spec.name!r} is already loaded; unload it first",
+                             param="lora_name")
+        if self.max_loaded is not None and spec.pinned and sum(s.pinned for s in self.specs.values()) >= self.max_loaded:
+            raise ServeError(400, f"--max-loaded-adapters {self.max_loaded} is below the number of command-line adapters")
+        self.specs[spec.name] = spec
+        try:
+            self.ensure_loaded([spec.name])
+        except Exception:
+            del self.specs[spec.name]
+            raise
+
+    def remove(self, name: str) -> None:
+        """Forget adapter ``name`` and free its tensors."""
+        if name not in self.specs:
+            raise ServeError(404, f"no adapter named {name!r} is loaded", param="lora_name")
+        if name in self.loaded:
+            self._unload(name)
+        del self.specs[name]
+
+    def admits(self, names: Iterable[Optional[str]]) -> bool:
+        """Whether adapters ``names`` fit on the device together (next to the pinned ones)."""
+        if self.max_loaded is None:
+            return True
+        wanted = {n for n in names if n is not None and n in self.specs and not self.specs[n].pinned}
+        pinned = sum(s.pinned for s in self.specs.values())
+        return len(wanted) + pinned <= self.max_loaded
+
+    def ensure_loaded(self, names: Iterable[Optional[str]]) -> None:
+        """Load every adapter of ``names`` not on the device, evicting the least recently used unpinned
+        adapters that ``names`` does not need."""
+        needed = [n for n in dict.fromkeys(names) if n is not None]
+        for name in needed:
+            if name not in self.specs:
+                raise ServeError(404, f"no adapter named {name!r} is loaded")
+            if name in self.loaded:
+                self.loaded.move_to_end(name)
+                continue
+            while self.max_loaded is not None and len(self.loaded) >= self.max_loaded:
+                victim = next((n for n in self.loaded if not self.specs[n].pinned and n not in needed), None)
+                if victim is None:
+                    raise ServeError(503, f"adapter {name!r} cannot be loaded: all {self.max_loaded} slots "
+                                          "(--max-loaded-adapters) are in use")
+                self._unload(victim)
+            self._load(self.specs[name])
+
+    def _load(self, spec: AdapterSpec) -> None:
+        from ..checkpoint import CheckpointError
+        from ..config import ConfigError
+        from ..targeting import TargetError
+
+        try:
+            if self.peft is None:
+                self.peft = self.peft_class.from_pretrained(self.base, spec.path, adapter_name=spec.name)
+            else:
+                self.peft.load_adapter(spec.path, adapter_name=spec.name)
+        except (CheckpointError, ConfigError, TargetError, ValueError, TypeError, FileNotFoundError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ServeError(422, f"adapter {spec.name!r} does not fit the base model: {first}") from None
+        self.peft.eval()
+        self.loaded[spec.name] = None
+        self.loads += 1
+
+    def _unload(self, name: str) -> None:
+        self.peft.delete_adapter(name)
+        del self.loaded[name]
