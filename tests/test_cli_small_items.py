@@ -60,3 +60,73 @@ def test_sigterm_during_training_leaves_no_folder(bert_dir, tmp_path):
     assert process.returncode == 128 + signal.SIGTERM, err.read_text()[-2000:]
     assert list((tmp_path / "runs").iterdir()) == []
     assert "stopped by SIGTERM" in err.read_text()
+
+
+# ---------------------------------------------------------------------------- plain-text corpora (causal-lm)
+CORPUS_LINES = [f"the {animal} sat on the {thing} near the {place}." for animal, thing, place in
+                [("cat", "mat", "door"), ("dog", "rug", "fire"), ("fox", "log", "river"), ("owl", "branch", "barn"),
+                 ("hen", "fence", "field"), ("pig", "hay", "pen"), ("cow", "grass", "hill"), ("bat", "beam", "roof"),
+                 ("ant", "leaf", "path"), ("bee", "flower", "hive")]]
+
+
+@pytest.fixture(scope="module")
+def llama_with_tokenizer(llama64_dir, tmp_path_factory):
+    """The tiny Llama of ``llama64_dir`` with a character-level tokenizer (99 ids < its 128), built offline."""
+    import shutil
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("llama-tok") / "llama"
+    shutil.copytree(llama64_dir, folder)
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + list(string.printable[:95]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("layout, documents", [
+    ("lines", CORPUS_LINES),
+    ("paragraphs", ["\n".join(CORPUS_LINES[i:i + 2]) for i in range(0, 10, 2)]),
+])
+def test_plain_text_corpus_trains_a_causal_lm(layout, documents, llama_with_tokenizer, tmp_path, capsys):
+    """A ``.txt`` corpus: one document per line, or per blank-line-separated paragraph when it has blank
+    lines; the run trains and reports a perplexity on the held-out documents."""
+    from deltatune.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    separator = "\n\n" if layout == "paragraphs" else "\n"
+    corpus.write_text("\n" + separator.join(documents) + "\n\n")  # stray blank lines at both ends
+    out = tmp_path / "run"
+    assert main(["train", "--task", "causal-lm", "--model", str(llama_with_tokenizer), "--data", str(corpus),
+                 "--epochs", "2", "--r", "4", "--output", str(out)]) == 0
+    assert f"{len(documents)} documents (one per {layout[:-1]})" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    n_test = round(len(documents) * 0.2)
+    assert (metrics["dataset"]["train"], metrics["dataset"]["test"]) == (len(documents) - n_test, n_test)
+    assert 1 < metrics["adapter"]["final"]["eval_perplexity"] < 1e4
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_read_rows_splits_text_by_the_documented_rule(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("one\ntwo  \n\n\n")
+    assert read_rows(path) == [{"text": "one"}, {"text": "two"}]
+    path.write_text("a first\nparagraph\n \nsecond\n")
+    assert read_rows(path) == [{"text": "a first\nparagraph"}, {"text": "second"}]
+
+
+def test_plain_text_for_classification_is_one_line_error(bert_dir, tmp_path, capsys):
+    from deltatune.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\nmore text\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(bert_dir / "bert"), "--data", str(corpus), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("deltatune: error:") and "no labels" in err[-1] and "causal-lm" in err[-1]
+    assert not out.exists() and list(tmp_path.iterdir()) == [corpus]

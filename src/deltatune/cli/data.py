@@ -1,4 +1,9 @@
-"""Datasets for the command line: the bundled support-intents set, or the user's JSONL/CSV files.
+"""Datasets for the command line: the bundled support-intents set, or the user's JSONL/CSV/TXT files.
+
+A plain-text file (``.txt``, ``--task causal-lm`` only) is split into documents by one rule: if it has a
+blank line between two lines of text, each blank-line-separated paragraph is one document (its lines kept
+together, joined by newlines); otherwise each non-empty line is one document. Leading and trailing blank
+lines do not count, and trailing whitespace on a line is dropped.
 
 The bundled set (``data/support_intents_*.jsonl``, 300 train / 100 test short customer-support messages
 in five intent classes) was written for deltatune from templates by ``scripts/make_dataset.py`` and is
@@ -31,14 +36,37 @@ class TextData:
     labels: list[str]  # empty for causal-lm
 
 
+def text_documents(text: str) -> tuple[list[str], str]:
+    """The documents of a plain-text corpus and the rule that split it (``"paragraphs"`` or ``"lines"``).
+
+    Blank-line-separated paragraphs when the text has a blank line between lines of text, else one
+    document per line (see the module docstring)."""
+    lines = [line.rstrip() for line in text.strip().splitlines()]
+    if "" not in [line.strip() for line in lines]:
+        return lines, "lines"
+    documents, current = [], []
+    for line in lines + [""]:  # (the sentinel closes the last paragraph)
+        if line.strip():
+            current.append(line)
+        elif current:
+            documents.append("\n".join(current))
+            current = []
+    return documents, "paragraphs"
+
+
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Rows of a JSONL (one object per line) or CSV/TSV (header row) file."""
+    """Rows of a JSONL (one object per line), CSV/TSV (header row) or plain-text (``text`` only) file."""
     path = str(path)
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     if not text.strip():
         raise UsageError(f"data file {path!r} is empty")
-    if path.endswith((".csv", ".tsv")):
+    if path.endswith(".txt"):
+        documents, rule = text_documents(text)
+        if os.environ.get("RANK", "0") == "0":  # (once under torchrun, not once per process)
+            print(f"{path}: {len(documents)} documents (one per {rule[:-1]})")
+        rows = [{"text": document} for document in documents]
+    elif path.endswith((".csv", ".tsv")):
         rows = list(csv.DictReader(text.splitlines(), delimiter="\t" if path.endswith(".tsv") else ","))
     else:
         rows = []
@@ -68,6 +96,10 @@ def _check_columns(rows: list[dict], path: str, needed: tuple[str, ...]) -> None
 def load_text_data(o: RunOptions) -> TextData:
     """Train/test rows and the label list for the run's task, validated."""
     needed = ("text", "label") if o.task == "seq-cls" else ("text",)
+    for path in (o.data, o.test_data):
+        if o.task == "seq-cls" and path is not None and str(path).endswith(".txt"):
+            raise UsageError(f"{path}: a plain-text file has no labels; --task seq-cls needs JSONL or CSV with "
+                             f"text and label columns (.txt is for --task causal-lm)")
     if o.data is None:
         if o.task != "seq-cls":
             raise UsageError("the bundled dataset is for --task seq-cls; pass --data for causal-lm")

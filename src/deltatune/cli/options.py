@@ -126,7 +126,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, single_run: bool = True) 
     a = parser.add_argument
     a("--config", help="YAML or JSON file with any of these options (flags override it)")
     a("--model", help="local transformers model folder (default: the embedded MiniLM-L6 encoder)")
-    a("--data", help="JSONL or CSV with text/label columns, or text only for causal-lm (default: bundled)")
+    a("--data", help="JSONL or CSV with text/label columns; for causal-lm a text column, or a .txt file (one "
+                     "document per line, or per blank-line-separated paragraph if it has blank lines) "
+                     "(default: bundled)")
     a("--test-data", dest="test_data", help="held-out file (default: a fixed split of --data)")
     a("--test-fraction", dest="test_fraction", type=float,
       help="share of --data held out for evaluation when no --test-data is given (default 0.2)")
