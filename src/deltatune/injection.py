@@ -105,10 +105,12 @@ def find_targets(model: nn.Module, config, method: Method) -> list[str]:
         raise TargetError("target_modules is not set: name the modules to adapt (or use 'all-linear')")
     heads = output_head_names(model)
     modules = list(iter_modules(model))
-    names = [
+    layers = adapter_layer_types()
+    names = [  # (an adapter layer is judged by its base: "all-linear" for a second adapter)
         n for n, m in modules
         if not isinstance(m, ModulesToSaveWrapper)
-        and is_target(n, m, config, is_linear=method.is_linear, output_heads=heads)
+        and is_target(n, m.base_layer if isinstance(m, layers) else m, config, is_linear=method.is_linear,
+                      output_heads=heads)
     ]
     if not names:
         raise TargetError(no_match_message(config.target_modules, [n for n, _ in modules]))

@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Sequence, Union
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import injection, merging, status
+from . import injection, merging, row_routing, status
 from .adapter_tensors import activate
 from .config import PeftConfig, TaskType
 from .host import AdapterHost, uses_checkpointing
@@ -67,7 +67,9 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
+        if adapter_names is not None:  # one adapter per row (see row_routing)
+            return row_routing.call(self, self.forward, args, kwargs, adapter_names)
         prompt = self._active_prompt()
         if prompt is None:
             outputs = self.base_model.model(*args, **kwargs)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -22,6 +23,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.rows = None  # a mixed batch's RowPlan, for the duration of that call
 
     def add_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
@@ -46,8 +48,34 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active]
 
+    def route_rows(self, plan) -> None:
+        """Run each row of the following calls through the copy of the adapter ``plan`` names for it (the
+        original module for base rows and adapters without a copy here); None: back to the active one."""
+        self.rows = plan
+
     def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+        if self.rows is None:
+            return self.current()(*args, **kwargs)
+        return self._forward_rows(*args, **kwargs)
+
+    def _forward_rows(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """One call of each distinct module on its rows of ``x`` (its first dimension: the batch, or a
+        multiple of it), the results put back in row order."""
+        plan = self.rows
+        present = plan.present(self.modules_to_save)
+        slots = plan.slots(present, x.shape[0], x.device)
+        modules = [self.original_module] + [self.modules_to_save[n] for n in present]
+        parts, order = [], []
+        for slot, module in enumerate(modules):
+            index = (slots == slot).nonzero().flatten()
+            if index.numel():
+                parts.append(module(x.index_select(0, index), *args, **kwargs))
+                order.append(index)
+        if not all(isinstance(p, Tensor) for p in parts):
+            raise TypeError(f"mixed-adapter batches: modules_to_save of type {type(self.original_module).__name__} "
+                            f"return {type(parts[0]).__name__}, not a tensor")
+        out = torch.cat(parts)
+        return out.index_select(0, torch.argsort(torch.cat(order)))
 
     def __getattr__(self, name: str):
         # Attribute reads (``head.weight``, ``head.out_features``) see the module that runs.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Optional
 
+from . import row_routing
 from .config import TaskType
 from .model import PeftModel
 from .registry import get_method, register_task_model, task_model
@@ -51,7 +52,12 @@ class PeftModelForCausalLM(PeftModel):
     _encoder_decoder = False
     forward = _forward_with(_COMMON + ("labels",) + _OUTPUTS)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, adapter_names: Optional[list] = None, **kwargs):
+        """The base model's ``generate`` with the active adapters, or with ``adapter_names`` (one adapter name
+        per prompt, ``"__base__"`` for none) each prompt through its own adapter (beams and returned
+        sequences follow their prompt)."""
+        if adapter_names is not None:
+            return row_routing.call(self, self.generate, args, kwargs, adapter_names)
         prompt = self._active_prompt()
         if prompt is None:
             return self.base_model.model.generate(*args, **kwargs)

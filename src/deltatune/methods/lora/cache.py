@@ -71,6 +71,7 @@ class Entry:
         factors: The no-grad path's :class:`Factors`, built for ``factors_dtype`` inputs.
         factors_dtype: The input dtype ``factors`` were cast for.
         sqnorm: ``||w_i||^2`` per base row (the layer's base entry only).
+        stack: A mixed batch's :class:`~.mixed.Stack` (entries keyed by a set of adapters, not one adapter).
     """
 
     sources: tuple
@@ -80,6 +81,7 @@ class Entry:
     factors: Optional[Factors] = None
     factors_dtype: Optional[torch.dtype] = None
     sqnorm: Optional[Tensor] = None
+    stack: Optional[object] = None
 
 
 @dataclass
@@ -87,7 +89,8 @@ class LayerCache:
     """The derived values of one LoRA layer (see the module docstring for when they are valid).
 
     Attributes:
-        entries: Per adapter module (by identity) its :class:`Entry`.
+        entries: Per adapter module (by identity) its :class:`Entry`; per ``("mixed", names, dtype)`` a mixed
+            batch's.
         base: The base weight's entry (``sqnorm``).
     """
 

@@ -43,5 +43,14 @@ class LoraConv(LoraLayer):
         return LF.conv_delta(self._cast_input(x, ad.lora_A.dtype), ad.lora_A, ad.lora_B, ad.scaling, self._conv,
                              b.stride, b.padding, b.dilation, ad.dropout, self.training)
 
+    def _down(self, x, A):
+        b = self.base_layer
+        return self._conv(x, A, None, b.stride, b.padding, b.dilation)
+
+    def _up(self, h, B):
+        return self._conv(h, B)
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.rows is not None:
+            return self._forward_rows(x, self.base_layer(x, *args, **kwargs))
         return self._apply_run(x, self.base_layer(x, *args, **kwargs), self._run)

@@ -4,6 +4,7 @@ from :class:`LoraLayer`."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as LF
@@ -43,5 +44,18 @@ class LoraEmbedding(LoraLayer):
         return LF.embedding_delta(ids, ad.lora_A, ad.lora_B, ad.scaling, base.padding_idx, base.max_norm,
                                   base.norm_type, base.scale_grad_by_freq, base.sparse)
 
+    def _mixed_layout(self, A, B):
+        return A.t().contiguous(), B.t().contiguous()  # (num, sum r): rows looked up; (sum r, dim)
+
+    def _down(self, ids, A_t):
+        base = self.base_layer
+        return F.embedding(ids, A_t, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
+
+    def _up(self, h, B_t):
+        return h @ B_t
+
     def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
+        if self.rows is not None:
+            return self._forward_rows(ids, self.base_layer(ids, *args, **kwargs))
         return self._apply_run(ids, self.base_layer(ids, *args, **kwargs), self._run)

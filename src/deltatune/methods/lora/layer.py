@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ... import adapter_state
 from ...adapter_layer import read_weight, write_weight
 from . import functional as LF
-from . import views
+from . import mixed, views
 from .cache import LayerCache
 from .variants import LoraVariant, variant_for
 
@@ -142,6 +142,7 @@ class LoraLayer(nn.Module):
         super().__init__()
         adapter_state.init(self, base_layer)
         self.cache = LayerCache()
+        self.rows = None  # a mixed batch's RowPlan, for the duration of that call (see route_rows)
 
     weight = property(adapter_state.base_weight)
     set_disabled = adapter_state.set_disabled
@@ -185,6 +186,19 @@ class LoraLayer(nn.Module):
         """``s B A drop(x)`` of one adapter, in the adapter's dtype (or autocast's)."""
         raise NotImplementedError
 
+    def _mixed_layout(self, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """Concatenated ``A`` (``(sum r, in, *kernel)``) and ``B`` (``(out, sum r, *ones)``) in the layout
+        :meth:`_down` and :meth:`_up` take (default: as they are)."""
+        return A, B
+
+    def _down(self, x: Tensor, A: Tensor) -> Tensor:
+        """The rank channels ``A x`` (channels at ``_channel_dim``), for :mod:`.mixed`."""
+        raise NotImplementedError
+
+    def _up(self, h: Tensor, B: Tensor) -> Tensor:
+        """``B h`` back to the output's channels, for :mod:`.mixed`."""
+        raise NotImplementedError
+
     def _init_from_base(self, adapter: LoraAdapter, mode: str) -> None:
         raise TypeError(f"init_lora_weights={mode!r} is available for Linear and Conv1D layers only, "
                         f"not {type(self.base_layer).__name__}")
@@ -195,6 +209,14 @@ class LoraLayer(nn.Module):
         for ad in run:
             out = ad.variant.apply(self, ad, out, self._delta(x, ad))
         return out
+
+    def route_rows(self, plan) -> None:
+        """Run each row of the following calls through the adapter ``plan`` names for it (a
+        :class:`~deltatune.row_routing.RowPlan`; None: back to the active adapters). See :mod:`.mixed`."""
+        self.rows = plan
+
+    def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
+        return mixed.forward(self, x, out, self.rows)
 
     # ------------------------------------------------------------------ adapter bookkeeping
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0, init=True,

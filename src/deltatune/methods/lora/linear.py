@@ -76,6 +76,17 @@ class LoraLinear(LoraLayer):
         ad = self.adapters[name]
         return LF.linear_delta_weight(ad.lora_A.float(), ad.lora_B.float(), ad.scaling, self.fan_in_fan_out)
 
+    _mixed_gathers = True  # (see mixed._gathers_pay)
+
+    def _mixed_layout(self, A, B):
+        return A.t().contiguous(), B.t().contiguous()  # (in, sum r), (sum r, out): x @ A_t, h @ B_t
+
+    def _down(self, x, A_t):
+        return x @ A_t
+
+    def _up(self, h, B_t):
+        return h @ B_t
+
     def _delta(self, x: Tensor, ad: LoraAdapter) -> Tensor:
         A, B = ad.lora_A, ad.lora_B
         p = ad.dropout if self.training else 0.0
@@ -89,6 +100,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         run, base = self._run, self._modules["base_layer"]  # (no nn.Module.__getattr__ in the hot path)
+        if self.rows is not None:
+            return self._forward_rows(x, base(x, *args, **kwargs))
         if not run:
             return base(x, *args, **kwargs)
         if (args or kwargs or type(base) is not nn.Linear or not _runs_forward_only(base)

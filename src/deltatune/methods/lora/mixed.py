@@ -1,0 +1,204 @@
+"""LoRA and DoRA in mixed-adapter batches: every row through its own adapter, in one pass per layer.
+
+For the adapters ``u = 1..U`` a batch names in one layer, with row ``n``'s adapter ``u(n)`` (0: none),
+the layer computes the base output for the whole batch once, then
+
+    ``h = down(drop(x), [A_1; ...; A_U])``          all adapters' ``r_u`` channels, concatenated
+    ``h[n] *= 1 on u(n)'s channels, 0 elsewhere``   (the row mask)
+    ``y = scale[u(n)] * out + shift[u(n)] + up(h, [s_1 c_1 B_1, ..., s_U c_U B_U])``
+
+where ``c_u`` is DoRA's per-channel ``m / ||W + s B A||`` (its variant's ``row_scale``; 1 for LoRA and base
+rows), ``scale = c`` and ``shift = b (1 - c)``, which is DoRA's ``b + c (W x + s B A x)`` again. Ranks may
+differ: the concatenation needs no padding, and the masked products are exact zeros. The cost is one
+``sum_u r_u``-wide low-rank product over all rows, no per-adapter loop: cheap while the batch names a few
+adapters. With many tokens per row (prefill) and several adapters, linear layers instead gather each row's
+own rank-padded factors and run one batched product (``bmm``), whose cost does not grow with ``U``.
+
+Without gradients the concatenated factors (cast to the input's dtype, scalings and DoRA's scale folded in)
+are kept in the layer's :class:`~.cache.LayerCache` per set of adapters; with gradients they are built per
+call from the parameters, so each row's gradient reaches its own adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Mixed-batch stacks a layer keeps (per set of adapters): a server's changing batch compositions would
+#: otherwise grow the cache without bound.
+MAX_STACKS = 8
+
+#: A gathered factor element costs about this many multiply-adds of a dense low-rank product (a copy
+#: runs at memory speed, a GEMM at arithmetic speed); picks the route, see :func:`_gathers_pay`.
+_GATHER_COST = 32
+
+
+@dataclass
+class Stack:
+    """One layer's adapters of a mixed batch, in the layer's low-rank layout (see the module docstring).
+
+    Attributes:
+        names: The adapters, in slot order (slot ``i + 1`` is ``names[i]``; slot 0 is no adapter).
+        ranks: Their ranks.
+        down: The concatenated down factors in the layer's layout (linear: ``(in, sum r)``).
+        up: The concatenated up factors, ``s_u c_u B_u``, in the layer's layout (linear: ``(sum r, out)``).
+        scale: ``(U + 1, out)``: ``c_u`` per slot, ones for slot 0 and LoRA; None when no adapter rescales.
+        shift: ``(U + 1, out)``: ``b (1 - c_u)``; None without a rescaling adapter or without a bias.
+        padded: Linear layers' per-slot factors for the gathered route, ``((U + 1, in, R), (U + 1, R, out))``
+            with ``R = max r``, zero-padded; built when that route first runs.
+    """
+
+    names: tuple[str, ...]
+    ranks: tuple[int, ...]
+    down: Tensor
+    up: Tensor
+    scale: Optional[Tensor]
+    shift: Optional[Tensor]
+    padded: Optional[tuple[Tensor, Tensor]] = None
+
+
+def _build(layer, names: tuple[str, ...], dtype: torch.dtype) -> Stack:
+    """The stack of ``names`` in ``layer``, differentiable in the adapters' parameters (DoRA's norm detached)."""
+    ads = [layer.adapters[n] for n in names]
+    bias = getattr(layer.base_layer, "bias", None)
+    scales = [ad.variant.row_scale(layer, ad, torch.float32) for ad in ads]
+    ups = []
+    for ad, c in zip(ads, scales):
+        B = ad.lora_B * ad.scaling if c is None else ad.lora_B * _as_column(c * ad.scaling, ad.lora_B)
+        ups.append(B)
+    down, up = layer._mixed_layout(torch.cat([ad.lora_A for ad in ads], 0), torch.cat(ups, 1))
+    scale = shift = None
+    if any(c is not None for c in scales):
+        one = torch.ones(ads[0].lora_B.shape[0], device=ads[0].lora_B.device)
+        scale = torch.stack([one] + [one if c is None else c for c in scales])
+        if bias is not None:
+            shift = bias.to(scale.dtype) * (1 - scale)
+            shift = shift.to(dtype)
+        scale = scale.to(dtype)
+    return Stack(names, tuple(ad.r for ad in ads), down.to(dtype), up.to(dtype), scale, shift)
+
+
+def _as_column(v: Tensor, B: Tensor) -> Tensor:
+    """``v`` (one value per output channel) shaped to scale the rows of ``B`` (``(out, r, *ones)``)."""
+    return v.reshape((-1,) + (1,) * (B.dim() - 1)).to(B.dtype)
+
+
+def _stack(layer, names: tuple[str, ...], dtype: torch.dtype) -> Stack:
+    """The no-grad stack, from the layer's cache while its tensors are unchanged."""
+    ads = [layer.adapters[n] for n in names]
+    scalings = tuple(ad.scaling for ad in ads)
+    if any(isinstance(s, Tensor) for s in scalings):  # (hot-swap scalings: no stamp that covers them)
+        return _build(layer, names, dtype)
+    tensors = []
+    for ad in ads:
+        p = ad._parameters
+        tensors += (p["lora_A"], p["lora_B"], p["lora_magnitude_vector"])
+    base = layer.base_layer
+    tensors += (base.weight, getattr(base, "bias", None))
+    key = ("mixed", names, dtype)
+    entry = layer.cache.lookup(key, tuple(tensors), scalings)
+    if entry is None:
+        return _build(layer, names, dtype)
+    if entry.stack is None:
+        entry.stack = _build(layer, names, dtype)
+        keys = [k for k in layer.cache.entries if isinstance(k, tuple)]
+        for old in keys[:-MAX_STACKS]:
+            del layer.cache.entries[old]
+    return entry.stack
+
+
+def _mask(plan, stack: Stack, slots: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
+    """``(rows, sum r)``: 1 where a channel belongs to the row's adapter, 0 elsewhere (shared by every
+    layer of the call with the same adapters and ranks)."""
+    key = ("mask", stack.names, stack.ranks, rows, dtype, slots.device)
+    mask = plan.memo.get(key)
+    if mask is None:
+        owner = torch.repeat_interleave(torch.arange(1, len(stack.ranks) + 1), torch.tensor(stack.ranks))
+        mask = (slots[:, None] == owner.to(slots.device)[None, :]).to(dtype)
+        plan.memo[key] = mask
+    return mask
+
+
+def _dropout(layer, x: Tensor, slots: Tensor, names: tuple[str, ...]) -> Tensor:
+    """``x`` with each row's adapter's dropout applied (as ``F.dropout`` with that row's ``p``)."""
+    if not layer.training:
+        return x
+    p = torch.tensor([0.0] + [layer.adapters[n].dropout for n in names], device=x.device)
+    if not bool((p > 0).any()):
+        return x
+    p_row = p[slots].to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+    keep = torch.rand_like(x) >= p_row
+    return x * keep / (1 - p_row)
+
+
+def _along_channels(v: Tensor, like: Tensor, channel_dim: int) -> Tensor:
+    """Per-row channel values ``(rows, C)`` shaped to broadcast over ``like`` (``(rows, ..., C, ...)``)."""
+    shape = [1] * like.dim()
+    shape[0] = v.shape[0]
+    shape[channel_dim] = v.shape[1]
+    return v.reshape(shape)
+
+
+def _gathers_pay(layer, x: Tensor, rows: int, stack: Stack) -> bool:
+    """Whether the gathered route is cheaper: per row ``tokens * max r`` against ``tokens * sum r``
+    multiply-adds per feature, plus ``max r`` gathered factor elements per feature (see ``_GATHER_COST``)."""
+    if not getattr(layer, "_mixed_gathers", False) or len(stack.ranks) < 2:
+        return False
+    tokens = x.numel() // (rows * x.shape[-1])
+    r_max, r_sum = max(stack.ranks), sum(stack.ranks)
+    return tokens * (r_sum - r_max) > _GATHER_COST * r_max
+
+
+def _padded(stack: Stack) -> tuple[Tensor, Tensor]:
+    """Per-slot factors ``(U + 1, in, R)`` and ``(U + 1, R, out)`` from the concatenated linear layout."""
+    if stack.padded is not None:
+        return stack.padded
+    r_max = max(stack.ranks)
+    downs, ups = [stack.down.new_zeros(stack.down.shape[0], r_max)], [stack.up.new_zeros(r_max, stack.up.shape[1])]
+    start = 0
+    for r in stack.ranks:
+        downs.append(F.pad(stack.down[:, start:start + r], (0, r_max - r)))
+        ups.append(F.pad(stack.up[start:start + r], (0, 0, 0, r_max - r)))
+        start += r
+    padded = (torch.stack(downs), torch.stack(ups))
+    if not torch.is_grad_enabled():
+        stack.padded = padded
+    return padded
+
+
+def forward(layer, x: Tensor, out: Tensor, plan) -> Tensor:
+    """The output of ``layer`` for a mixed batch: ``out`` is the base layer's output for the whole batch.
+
+    ``x: (rows, ...)`` is the layer's input, ``rows`` the batch (or a multiple, see ``RowPlan.slots``).
+    """
+    names = plan.present(layer.adapters)
+    if not names:
+        return out
+    rows = x.shape[0]
+    slots = plan.slots(names, rows, x.device)
+    grad = torch.is_grad_enabled()
+    dtype = x.dtype if x.is_floating_point() and not grad else layer.adapters[names[0]].lora_A.dtype
+    stack = _build(layer, names, dtype) if grad else _stack(layer, names, dtype)
+    h_in = x if not x.is_floating_point() or x.dtype == dtype else x.to(dtype)
+    h_in = _dropout(layer, h_in, slots, names) if x.is_floating_point() else h_in
+    ch = layer._channel_dim
+    if stack.scale is not None:  # a rescaling (DoRA) adapter: y = c * out + b (1 - c) + ...
+        scaled = out * _along_channels(stack.scale[slots].to(out.dtype), out, ch)
+        if stack.shift is not None:
+            scaled = scaled + _along_channels(stack.shift[slots].to(out.dtype), out, ch)
+        out = scaled
+    if _gathers_pay(layer, h_in, rows, stack):
+        down, up = _padded(stack)
+        h3 = h_in.reshape(rows, -1, h_in.shape[-1])
+        delta = torch.bmm(torch.bmm(h3, down[slots]), up[slots]).view(out.shape)
+    else:
+        h = layer._down(h_in, stack.down)
+        h = h * _along_channels(_mask(plan, stack, slots, rows, h.dtype), h, ch)
+        delta = layer._up(h, stack.up)
+    if not grad and delta.dtype == out.dtype and not out.requires_grad:
+        return out.add_(delta) if out.is_contiguous() else out + delta
+    return out + delta.to(out.dtype)
