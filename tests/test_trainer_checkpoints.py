@@ -14,6 +14,7 @@ from transformers import Trainer, TrainingArguments
 
 import deltatune as dt
 from conftest import tiny_bert_cls, tiny_llama
+from deltatune.trainer_callback import checkpoint_tensor_names
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -134,7 +135,8 @@ def test_no_full_weights_are_written_at_any_checkpoint(tmp_path, monkeypatch):
 
 def test_a_full_weights_file_is_slimmed_when_the_save_came_unannounced(tmp_path):
     """A save requested by a callback that runs after this one (the hook was not armed): the Trainer writes
-    the full state dict; ``on_save`` rewrites it with the adapter state only."""
+    the full state dict; ``on_save`` rewrites it with the adapter state only. (Step 3 of 4: the Trainer's
+    own save at the last step would arm the hook.)"""
     from transformers import TrainerCallback
 
     class SaveAtStep3(TrainerCallback):
@@ -144,7 +146,7 @@ def test_a_full_weights_file_is_slimmed_when_the_save_came_unannounced(tmp_path)
 
     model = _model("CAUSAL_LM")
     frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
-    trainer = _trainer(model, tmp_path, _Rows(), max_steps=3, save_steps=100)
+    trainer = _trainer(model, tmp_path, _Rows(), max_steps=4, save_steps=100)
     trainer.add_callback(SaveAtStep3())
     trainer.train()
     folder = tmp_path / "checkpoint-3"
@@ -196,3 +198,27 @@ def test_a_model_that_is_not_deltatunes_is_left_to_the_trainer(tmp_path):
             callbacks=[dt.AdapterCheckpointCallback()]).train()
     names = set(os.listdir(tmp_path / "checkpoint-2"))
     assert "config.json" in names and "adapter_config.json" not in names
+
+
+def test_the_hook_filters_one_state_dict_call_and_is_gone_after_training(tmp_path):
+    """Armed, the hook slims the next ``state_dict()`` only; a ``trainer.evaluate()`` after training under
+    ``save_strategy="best"`` (no save follows it) leaves no hook behind."""
+    from transformers import TrainerControl, TrainerState
+
+    model = _model("SEQ_CLS")
+    full = set(model.state_dict())
+    callback = dt.AdapterCheckpointCallback()
+    callback.on_step_end(_args(tmp_path), TrainerState(), TrainerControl(should_save=True), model=model)
+    slim = set(model.state_dict())
+    assert slim == checkpoint_tensor_names(model) and slim < full
+    assert set(model.state_dict()) == full
+
+    model = _model("SEQ_CLS")
+    trainer = Trainer(model=model, args=_args(tmp_path / "best", max_steps=2, eval_strategy="steps", eval_steps=2,
+                                              save_strategy="best", metric_for_best_model="loss"),
+                      train_dataset=_Rows(classify=True), eval_dataset=_Rows(n=8, classify=True, seed=1),
+                      callbacks=[dt.AdapterCheckpointCallback()])
+    trainer.train()
+    assert (tmp_path / "best" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    trainer.evaluate()
+    assert model._state_dict_hooks == {} and set(model.state_dict()) == full

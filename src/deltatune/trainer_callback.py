@@ -15,8 +15,9 @@ This callback works inside those rules, without subclassing or patching the Trai
    tensors, their modules_to_save copies and any other trainable parameter). The Trainer then writes a
    ``model.safetensors`` holding only those, under the model's own ``state_dict()`` names: no full copy is
    ever written, and the Trainer's own non-strict load at resume and at ``load_best_model_at_end``
-   restores exactly the adapter state. The hook is removed in ``on_save`` (or at the next step, epoch or
-   the end of training if no save followed), so ``model.state_dict()`` is complete at every other time.
+   restores exactly the adapter state. The hook acts on one ``state_dict()`` call only and is removed in
+   ``on_save`` (or at the next step, epoch or the end of training if no save followed), so
+   ``model.state_dict()`` is complete at every other time.
 2. In ``on_save`` it writes the adapters next to it in peft's format (``adapter_config.json`` +
    ``adapter_model.safetensors``, other adapters in sub-folders), loadable with
    ``PeftModel.from_pretrained`` in deltatune and in peft. Should a full ``model.safetensors`` have been
@@ -69,12 +70,26 @@ def checkpoint_tensor_names(model: nn.Module) -> set[str]:
     return {n for n, t in named if id(t) in keep}
 
 
-def _keep_adapter_state_only(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
-    # A state-dict post-hook: it edits the dict in place. Under a wrapper (DDP's ``module.``) the dict
-    # also holds the wrapper's own keys; only this module's keys (those under ``prefix``) are filtered.
-    keep = checkpoint_tensor_names(module)
-    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in keep]:
-        del state_dict[key]
+class _AdapterStateOnly:
+    """A one-shot state-dict post-hook: the first ``state_dict()`` after arming (the Trainer's, in ``_save``)
+    loses every tensor that is not adapter state; later calls pass through untouched.
+
+    One-shot so that, should training stop with an exception between arming and the save (the callback is
+    not told), at most one later ``state_dict()`` call is affected rather than all of them.
+    """
+
+    def __init__(self) -> None:
+        self.spent = False
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+        if self.spent:
+            return
+        self.spent = True
+        # The hook edits the dict in place. Under a wrapper (DDP's ``module.``) the dict also holds the
+        # wrapper's own keys; only this module's keys (those under ``prefix``) are filtered.
+        keep = checkpoint_tensor_names(module)
+        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in keep]:
+            del state_dict[key]
 
 
 def _ours(model: Optional[nn.Module]) -> bool:
@@ -103,11 +118,12 @@ class AdapterCheckpointCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self._hook = None  # the state-dict hook's handle while a checkpoint is about to be written
+        self._training = False  # between on_train_begin and on_train_end
 
     # ------------------------------------------------------------------ the hook's window
     def _arm(self, model: Optional[nn.Module]) -> None:
         if self._hook is None and _ours(model):
-            self._hook = model.register_state_dict_post_hook(_keep_adapter_state_only)
+            self._hook = model.register_state_dict_post_hook(_AdapterStateOnly())
 
     def _disarm(self) -> None:
         if self._hook is not None:
@@ -125,9 +141,15 @@ class AdapterCheckpointCallback(TrainerCallback):
             self._arm(model)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        """Under ``save_strategy="best"`` the Trainer decides to save only after this event: arm in case."""
-        if control.should_save or args.save_strategy == SaveStrategy.BEST:
+        """Under ``save_strategy="best"`` the Trainer decides to save only after this event: arm in case
+        (only during training: a ``trainer.evaluate()`` afterwards is followed by no save)."""
+        if self._training and (control.should_save or args.save_strategy == SaveStrategy.BEST):
             self._arm(model)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Start of training (a hook left armed by a run that raised is removed first)."""
+        self._disarm()
+        self._training = True
 
     def on_step_begin(self, args, state, control, **kwargs):
         """Remove the hook if no save followed its arming (e.g. the evaluation was not a new best)."""
@@ -140,6 +162,7 @@ class AdapterCheckpointCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         """As :meth:`on_step_begin`: the model leaves training with its hooks as it came."""
         self._disarm()
+        self._training = False
 
     # ------------------------------------------------------------------ the checkpoint folder
     def on_save(self, args, state, control, model=None, **kwargs):
