@@ -17,7 +17,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--model", help="base model folder (default: the embedded MiniLM-L6 encoder)")
     a("--adapter", action="append", default=[], metavar="NAME=PATH",
-      help="serve the adapter folder (or run folder) PATH as NAME; repeatable; never evicted")
+      help="serve the adapter folder (or `deltatune train` run folder) PATH as NAME; repeatable; never evicted")
     a("--adapter-root", help="folder that POST /v1/load_lora_adapter may load from (default: runtime loading off)")
     a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     a("--port", type=int, default=8000, help="port (default 8000)")
@@ -43,8 +43,6 @@ def _adapter_pairs(values: list[str]) -> list[tuple[str, str]]:
         name, sep, path = value.partition("=")
         if not sep or not name or not path:
             raise UsageError(f"--adapter takes NAME=PATH, got {value!r}")
-        if os.path.isfile(os.path.join(path, "adapter", "adapter_config.json")):
-            path = os.path.join(path, "adapter")  # a `deltatune train` run folder
         pairs.append((name, path))
     return pairs
 

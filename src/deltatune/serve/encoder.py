@@ -90,6 +90,8 @@ class EncoderEngine:
         out = []
         for i, item in enumerate(inputs):
             if isinstance(item, str):
+                if not item:
+                    raise ServeError(400, f"input {i} is an empty string", param=param)
                 with self._lock:
                     ids = self.tokenizer(item, truncation=False)["input_ids"]
             else:

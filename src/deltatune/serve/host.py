@@ -28,10 +28,14 @@ class ModelHost:
         dispatch: Batching mode for :class:`~.dispatch.Dispatcher` (auto, mixed, grouped).
     """
 
-    def __init__(self, model: nn.Module, peft_class: type, max_loaded: Optional[int] = None, dispatch: str = "auto"):
+    def __init__(self, model: nn.Module, peft_class: type, max_loaded: Optional[int] = None, dispatch: str = "auto",
+                 placeholder_head: bool = False):
         if max_loaded is not None and max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
         self.base, self.peft_class, self.max_loaded = model, peft_class, max_loaded
+        # The base folder had no trained head (an encoder such as MiniLM): the first adapter with a head
+        # sets its size, as long as no adapter is loaded yet.
+        self.placeholder_head = placeholder_head
         self.peft = None  # the PeftModel, made when the first adapter is loaded
         self.base_params = {n for n, _ in model.named_parameters()}
         self.specs: dict[str, AdapterSpec] = {}
@@ -111,6 +115,12 @@ class ModelHost:
         from ..config import ConfigError
         from ..targeting import TargetError
 
+        head = self._head()
+        if spec.num_labels and isinstance(head, nn.Linear) and head.out_features != spec.num_labels:
+            if not (self.placeholder_head and self.peft is None):
+                raise ServeError(422, f"adapter {spec.name!r} has a {spec.num_labels}-class head; this base model "
+                                      f"serves {head.out_features}-class heads (serve it from another server)")
+            self._resize_head(head, spec.num_labels)
         try:
             if self.peft is None:
                 self.peft = self.peft_class.from_pretrained(self.base, spec.path, adapter_name=spec.name)
@@ -126,3 +136,14 @@ class ModelHost:
     def _unload(self, name: str) -> None:
         self.peft.delete_adapter(name)
         del self.loaded[name]
+
+    def _head(self) -> Optional[nn.Module]:
+        head = getattr(self.base, "classifier", None) or getattr(self.base, "score", None)
+        return getattr(head, "original_module", head)  # under a modules_to_save wrapper: the base's own
+
+    def _resize_head(self, head: nn.Linear, num_labels: int) -> None:
+        new = nn.Linear(head.in_features, num_labels, bias=head.bias is not None,
+                        device=head.weight.device, dtype=head.weight.dtype)
+        setattr(self.base, "classifier" if getattr(self.base, "classifier", None) is head else "score", new)
+        self.base.config.num_labels = num_labels
+        self.base_params = {n for n, _ in self.base.named_parameters()}

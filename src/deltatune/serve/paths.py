@@ -70,11 +70,22 @@ def confine(root: Optional[str], given: object) -> str:
         raise ServeError(403, f"adapter path {given!r} is outside the adapter root", param="lora_path")
     if not real.is_dir():
         raise ServeError(400, f"adapter path {given!r} is not a folder", param="lora_path")
+    real = Path(adapter_folder(str(real))).resolve()
+    if not _inside(real, real_root):  # a run folder whose adapter/ links out
+        raise ServeError(403, f"adapter path {given!r} is outside the adapter root", param="lora_path")
     for name in ADAPTER_FILES:  # a file in the folder may itself be a link leading out of the root
         file = real / name
         if file.exists() and not _inside(file.resolve(), real_root):
             raise ServeError(403, f"{name} in {given!r} links outside the adapter root", param="lora_path")
     return str(real)
+
+
+def adapter_folder(path: str) -> str:
+    """``path`` itself, or its ``adapter/`` sub-folder when ``path`` is a ``deltatune train`` run folder."""
+    if not os.path.isfile(os.path.join(path, ADAPTER_FILES[0])) and os.path.isfile(
+            os.path.join(path, "adapter", ADAPTER_FILES[0])):
+        return os.path.join(path, "adapter")
+    return path
 
 
 def sibling_file(folder: str, name: str, root: Optional[str]) -> Optional[str]:

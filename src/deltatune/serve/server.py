@@ -14,7 +14,7 @@ from .adapters import AdapterSpec, read_spec
 from .batcher import Batcher, Job
 from .errors import ServeError
 from .metrics import Metrics
-from .paths import check_name
+from .paths import adapter_folder, check_name
 
 log = logging.getLogger("deltatune.serve")
 
@@ -101,7 +101,7 @@ class DeltaServer:
             "minilm-l6" if config.model is None else os.path.basename(os.path.normpath(self.model_dir)))
         if config.adapter_root is not None and not os.path.isdir(config.adapter_root):
             raise ServeError(400, f"--adapter-root {config.adapter_root!r} is not a folder")
-        pinned = [(check_name(n, (self.name,)), os.path.realpath(p)) for n, p in config.adapters]
+        pinned = [(check_name(n, (self.name,)), os.path.realpath(adapter_folder(p))) for n, p in config.adapters]
         if len({n for n, _ in pinned}) != len(pinned):
             raise ServeError(400, "two --adapter options use the same name")
         for n, p in pinned:
@@ -114,14 +114,17 @@ class DeltaServer:
                                   "serve them from separate servers")
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
                 self.model_dir, num_labels=(heads.pop() if heads else 2), ignore_mismatched_sizes=True,
-                dtype=_dtype(config.dtype), local_files_only=True)
+                dtype=_dtype(config.dtype), local_files_only=True, output_loading_info=True)
         except (OSError, ValueError) as exc:
             raise ServeError(400, f"could not load a model from {self.model_dir!r}: {str(exc).splitlines()[0]}") from None
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device).eval()
-        self.host = ModelHost(model, PeftModelForFeatureExtraction, config.max_loaded_adapters, config.batching)
+        untrained = [k for k in list(info.get("missing_keys", ())) + list(info.get("mismatched_keys", ()))
+                     if str(k if isinstance(k, str) else k[0]).split(".")[0] in ("classifier", "score")]
+        self.host = ModelHost(model, PeftModelForFeatureExtraction, config.max_loaded_adapters, config.batching,
+                              placeholder_head=bool(untrained))
         self.engine = EncoderEngine(self.host, self.tokenizer, self.model_dir, config.max_input_tokens)
         self.embedding_size = model.config.hidden_size
         for n, p in pinned:
