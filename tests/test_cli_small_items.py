@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_bert
-from deltatune.cli.data import BUNDLED_TEST, read_rows
+from deltatune.cli.data import BUNDLED_TEST, BUNDLED_TRAIN, read_rows
 from deltatune.cli.train import embedded_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +60,70 @@ def test_sigterm_during_training_leaves_no_folder(bert_dir, tmp_path):
     assert process.returncode == 128 + signal.SIGTERM, err.read_text()[-2000:]
     assert list((tmp_path / "runs").iterdir()) == []
     assert "stopped by SIGTERM" in err.read_text()
+
+
+# ---------------------------------------------------------------------------- a run that learnt nothing
+@pytest.fixture(scope="module")
+def small_custom(tmp_path_factory):
+    """A 40-row custom dataset (bundled training rows, shuffled with seed 0): 32 train / 8 held out."""
+    import random
+
+    rows = read_rows(BUNDLED_TRAIN)
+    random.Random(0).shuffle(rows)
+    path = tmp_path_factory.mktemp("data") / "small40.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:40]))
+    return path
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("deltatune: warning:")]
+
+
+def test_defaults_on_40_rows_warn_and_name_the_flags(small_custom, tmp_path, capsys):
+    """The embedded model with the defaults on 40 rows: 10 optimizer steps, the loss barely moves; the run
+    still succeeds, but says so and names the flags to try."""
+    from deltatune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(small_custom), "--no-baseline", "--output", str(out)]) == 0
+    warnings = _warnings(capsys.readouterr().err)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [f"deltatune: warning: {w}" for w in metrics["warnings"]] == warnings
+    assert any("training loss barely fell" in w for w in warnings), warnings
+    assert any("not clearly above chance" in w and "--test-data" in w for w in warnings), warnings
+    assert all("--epochs 10 --lr 0.003" in w and "--batch-size" in w for w in warnings)
+
+
+def test_the_suggested_flags_learn_and_do_not_warn(small_custom, tmp_path, capsys):
+    """The flags the warning names fix the run: the loss falls, accuracy on the bundled 100-row test set is
+    well above chance (0.2), and no warning is printed."""
+    from deltatune.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(small_custom), "--test-data", str(BUNDLED_TEST), "--no-baseline",
+                 "--epochs", "10", "--lr", "3e-3", "--output", str(out)]) == 0
+    assert _warnings(capsys.readouterr().err) == []
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["warnings"] == [] and metrics["adapter"]["final"]["eval_accuracy"] > 0.5
+
+
+def test_advice_checks():
+    from deltatune.cli import advice
+
+    assert advice.binomial_tail(0, 8, 0.3) == 1.0
+    assert advice.binomial_tail(8, 8, 0.5) == pytest.approx(0.5 ** 8)
+    assert advice.binomial_tail(2, 3, 0.5) == pytest.approx(0.5)
+    falling = [{"train_loss": 1.6}, {"train_loss": 1.2}]
+    flat = [{"train_loss": 1.6}, {"train_loss": 1.57}]
+    assert advice.loss_did_not_fall(falling) is None and advice.loss_did_not_fall(flat) == (1.6, 1.57)
+    assert advice.loss_did_not_fall(flat[:1]) is None  # one epoch: nothing to compare
+    test = [{"label": "a"}] * 30 + [{"label": "b"}] * 70
+    assert advice.chance_accuracy(test) == (0.7, "b")
+    learnt = [{"train_loss": 1.6}, {"train_loss": 0.4, "eval_accuracy": 0.9}]
+    assert advice.run_warnings("seq-cls", learnt, test, 400, 5, 16, 5e-4) == []
+    at_chance = [{"train_loss": 1.6}, {"train_loss": 0.4, "eval_accuracy": 0.72}]
+    assert len(advice.run_warnings("seq-cls", at_chance, test, 400, 5, 16, 5e-4)) == 1
+    assert advice.run_warnings("causal-lm", at_chance, [{"text": "x"}], 400, 5, 16, 5e-4) == []
 
 
 # ---------------------------------------------------------------------------- plain-text corpora (causal-lm)

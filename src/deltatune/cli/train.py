@@ -282,7 +282,7 @@ RUN_ONLY_KEYS = ("output", "overwrite", "seeds", "methods")
 
 def train_command(o: RunOptions) -> dict:
     """The whole job: baseline, adapter run, adapter save, metrics, plot, resolved config."""
-    from . import report
+    from . import advice, report
 
     quiet_transformers()
     data = load_text_data(o)
@@ -298,6 +298,8 @@ def train_command(o: RunOptions) -> dict:
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
         metrics = report.metrics(o, data, base_path, adapter_dir, baseline, result)
+        metrics["warnings"] = advice.run_warnings(o.task, result.history, data.test, len(data.train), o.epochs,
+                                                  o.batch_size, o.lr)
         with open(os.path.join(workdir, "metrics.json"), "w") as fh:
             json.dump(metrics, fh, indent=2)
         repeatable = {k: v for k, v in o.to_dict().items() if k not in RUN_ONLY_KEYS}
@@ -305,4 +307,6 @@ def train_command(o: RunOptions) -> dict:
             json.dump(repeatable, fh, indent=2)  # `deltatune train --config <run>/config.json` repeats it
         report.plot(os.path.join(workdir, "training.png"), [r for r in (baseline, result) if r is not None], o.task)
     print(report.summary(metrics, folder.final))
+    for warning in metrics["warnings"]:  # after the table, so they are the last thing on the screen
+        print(f"deltatune: warning: {warning}", file=sys.stderr)
     return metrics
