@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -89,5 +90,11 @@ def serve_command(args: argparse.Namespace) -> None:
         server = DeltaServer(config)
     except ServeError as exc:
         raise UsageError(exc.message) from None
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT (stops accepting, lets in-flight requests finish),
+    # then restores the handlers it found and raises the signal again. With the default handlers that
+    # would end a clean shutdown with "killed by SIGTERM"; these make it exit 0.
+    stopped = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: stopped.append(number))
     uvicorn.Server(uvicorn.Config(build_app(server), host=args.host, port=args.port, log_level=args.log_level,
                                   access_log=False, timeout_graceful_shutdown=config.request_timeout)).run()

@@ -1,0 +1,81 @@
+"""``deltatune serve`` as a command: a real process, its flags, one-line errors, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+
+from deltatune.cli import main  # noqa: E402
+from test_serve import TEXTS, expected, root  # noqa: E402,F401  (module fixtures shared with test_serve)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--adapter", "no-equals-sign"], "NAME=PATH"),
+    (["--adapter", "a1=/does/not/exist"], "does not exist"),
+    (["--adapter", "a.b=."], "invalid adapter name"),
+    (["--model", "/does/not/exist"], "could not load a model"),
+])
+def test_serve_command_errors_are_one_line_exit_2(argv, words, capsys):
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deltatune: error:") and words in err and "\n" not in err
+
+
+def test_serve_process_answers_then_sigterm_finishes_in_flight_requests_and_exits_0(root, expected):
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # A long batching wait keeps the last request in flight while SIGTERM arrives.
+    proc = subprocess.Popen([sys.executable, "-m", "deltatune", "serve", "--adapter", f"a1={root / 'run1'}",
+                             "--port", str(port), "--max-wait-ms", "1500", "--api-key", "k"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url, headers = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        result = {}
+
+        def ask():
+            result["r"] = httpx.post(f"{url}/v1/embeddings", json={"model": "a1", "input": TEXTS[:2]},
+                                     headers=headers, timeout=60)
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        time.sleep(0.5)  # the request is waiting in the batcher now
+        proc.send_signal(signal.SIGTERM)
+        asker.join(60)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, err = proc.communicate()
+    assert code == 0, err[-2000:]
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    emb = torch.tensor([d["embedding"] for d in r.json()["data"]])
+    torch.testing.assert_close(emb, expected["a1"][0][:2], atol=1e-5, rtol=0)
+    assert '"message": "request"' in err and '"route": "/v1/embeddings"' in err  # structured (JSON) logs
