@@ -125,8 +125,9 @@ def build_app(server: DeltaServer) -> FastAPI:
 
     @app.get("/metrics", dependencies=guarded, response_class=PlainTextResponse)
     async def metrics():
-        waiting = {k or server.name: v for k, v in server.batcher.waiting().items()}
-        return server.metrics.render(server.host.loaded, server.host.specs, waiting, {})
+        waiting = {k or server.name: v for k, v in server.worker.waiting().items()}
+        running = {k or server.name: v for k, v in getattr(server.worker, "running", dict)().items()}
+        return server.metrics.render(server.host.loaded, server.host.specs, waiting, running)
 
     @app.get("/v1/models", dependencies=guarded)
     async def models():
@@ -138,6 +139,8 @@ def build_app(server: DeltaServer) -> FastAPI:
         return {"object": "list", "data": data}
 
     def _inputs(value, param: str = "input") -> list:
+        if server.kind != "encoder":
+            raise ServeError(400, "this server serves a causal language model; use /v1/completions")
         items = as_list(value)
         if not items:
             raise ServeError(400, "input is empty", param=param)
@@ -152,6 +155,8 @@ def build_app(server: DeltaServer) -> FastAPI:
     @app.post("/v1/embeddings", dependencies=guarded)
     async def embeddings(body: EmbeddingRequest):
         adapter = server.adapter_for(body.model)
+        if server.kind != "encoder":
+            raise ServeError(400, "this server serves a causal language model; use /v1/completions")
         if body.dimensions is not None and body.dimensions != server.embedding_size:
             raise ServeError(400, f"this model's embeddings have {server.embedding_size} dimensions; "
                                   f"dimensions={body.dimensions} cannot be served", param="dimensions")
@@ -194,6 +199,9 @@ def build_app(server: DeltaServer) -> FastAPI:
         return {"object": "lora_adapter", "id": body.lora_name,
                 "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}
 
+    from .routes_gen import add_generation_routes
+
+    add_generation_routes(app, server, guarded, BATCH_HEADER)
     if server.config.max_body_bytes:
         app.add_middleware(_BodyLimit, limit=server.config.max_body_bytes)
     return app

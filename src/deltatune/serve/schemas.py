@@ -50,6 +50,39 @@ class UnloadAdapterRequest(_Body):
     lora_int_id: Optional[int] = None  # vLLM clients may send it; names identify adapters here
 
 
+class _Sampling(_Body):
+    max_tokens: Optional[int] = Field(None, description="tokens to generate at most")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = Field(None, description="up to 4 strings that end the text")
+    n: int = Field(1, ge=1, le=1, description="one choice per prompt (n > 1 is not served)")
+    stream: bool = False
+    user: Optional[str] = None
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``."""
+
+    model: str
+    prompt: Inputs
+    logprobs: Optional[int] = Field(None, le=0, description="not served")
+    echo: bool = Field(False, description="not served")
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str
+
+
+class ChatRequest(_Sampling):
+    """``POST /v1/chat/completions`` (models whose tokenizer has a chat template)."""
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+
+
 def as_list(value: Inputs) -> list:
     """``input`` as a list of items, each a text or a list of token ids."""
     if isinstance(value, str):

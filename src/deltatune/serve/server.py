@@ -39,6 +39,8 @@ class ServeConfig:
         max_body_bytes: Request bodies larger than this are refused (413).
         request_timeout: Seconds a request may take before a 504.
         batching: ``auto`` (probe mixed-adapter calls), ``mixed`` or ``grouped``.
+        task: ``auto`` (from the folder's architecture), ``encoder`` or ``causal-lm``.
+        max_tokens_limit: The largest ``max_tokens`` a generation request may ask for.
     """
 
     model: Optional[str] = None
@@ -56,6 +58,8 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     request_timeout: float = 60.0
     batching: str = "auto"
+    task: str = "auto"
+    max_tokens_limit: int = 1024
 
 
 def _embedded_model_dir() -> str:
@@ -76,6 +80,17 @@ def _dtype(name: str):
     return table[name]
 
 
+def _kind(model_config, task: str) -> str:
+    """``causal-lm`` or ``encoder``: asked for, or read off the folder's architecture names."""
+    if task in ("encoder", "causal-lm"):
+        return task
+    if task != "auto":
+        raise ServeError(400, f"unknown task {task!r}; choose auto, encoder or causal-lm")
+    names = getattr(model_config, "architectures", None) or []
+    causal = any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
+    return "causal-lm" if causal and not getattr(model_config, "is_encoder_decoder", False) else "encoder"
+
+
 class DeltaServer:
     """The model host, its engine and batcher, and the metrics, for one served base model.
 
@@ -90,10 +105,6 @@ class DeltaServer:
         import torch
         import transformers
 
-        from ..tasks import PeftModelForFeatureExtraction
-        from .encoder import EncoderEngine
-        from .host import ModelHost
-
         self.config = config
         self.started = time.time()
         self.model_dir = config.model or _embedded_model_dir()
@@ -107,43 +118,78 @@ class DeltaServer:
         for n, p in pinned:
             if not os.path.isdir(p):
                 raise ServeError(400, f"adapter {n!r}: folder {p!r} does not exist")
-        # The head size comes from the adapters (the base encoder has no head of its own).
+        try:
+            model_config = transformers.AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+            self.kind = _kind(model_config, config.task)
+            model, untrained = (self._load_lm if self.kind == "causal-lm" else self._load_encoder)(pinned)
+        except (OSError, ValueError) as exc:
+            raise ServeError(400, f"could not load a model from {self.model_dir!r}: {str(exc).splitlines()[0]}") from None
+        model.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+        self.metrics = Metrics()
+        self._build(model, untrained)
+        for n, p in pinned:
+            self.host.add(read_spec(n, p, self.host.base_params, pinned=True))
+        self.ready = False
+
+    def _load_encoder(self, pinned):
+        import transformers
+
+        # The head size comes from the adapters (an encoder such as MiniLM has no head of its own).
         heads = {read_spec(n, p, set()).num_labels for n, p in pinned} - {0}
         if len(heads) > 1:
             raise ServeError(400, f"the command-line adapters' heads differ in size ({sorted(heads)} classes); "
                                   "serve them from separate servers")
-        try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-                self.model_dir, num_labels=(heads.pop() if heads else 2), ignore_mismatched_sizes=True,
-                dtype=_dtype(config.dtype), local_files_only=True, output_loading_info=True)
-        except (OSError, ValueError) as exc:
-            raise ServeError(400, f"could not load a model from {self.model_dir!r}: {str(exc).splitlines()[0]}") from None
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device).eval()
+        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            self.model_dir, num_labels=(heads.pop() if heads else 2), ignore_mismatched_sizes=True,
+            dtype=_dtype(self.config.dtype), local_files_only=True, output_loading_info=True)
         untrained = [k for k in list(info.get("missing_keys", ())) + list(info.get("mismatched_keys", ()))
                      if str(k if isinstance(k, str) else k[0]).split(".")[0] in ("classifier", "score")]
-        self.host = ModelHost(model, PeftModelForFeatureExtraction, config.max_loaded_adapters, config.batching,
-                              placeholder_head=bool(untrained))
-        self.engine = EncoderEngine(self.host, self.tokenizer, self.model_dir, config.max_input_tokens)
-        self.embedding_size = model.config.hidden_size
-        for n, p in pinned:
-            self.host.add(read_spec(n, p, self.host.base_params, pinned=True))
-        self.metrics = Metrics()
-        self.batcher = Batcher(self.engine.run, self._prepare, self.host.admits, config.max_batch_size,
-                               config.max_wait_ms / 1000.0, self.metrics.batch)
-        self.ready = False
+        return model, bool(untrained)
+
+    def _load_lm(self, pinned):
+        import transformers
+
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=_dtype(self.config.dtype), local_files_only=True)
+        return model, False
+
+    def _build(self, model, untrained_head: bool) -> None:
+        from ..tasks import PeftModelForCausalLM, PeftModelForFeatureExtraction
+        from .host import ModelHost
+
+        c = self.config
+        wait = c.max_wait_ms / 1000.0
+        if self.kind == "causal-lm":
+            from .generation import GenerationEngine
+            from .scheduler import Scheduler
+
+            self.host = ModelHost(model, PeftModelForCausalLM, c.max_loaded_adapters, c.batching)
+            self.engine = GenerationEngine(self.host, self.tokenizer, c.max_input_tokens, c.max_tokens_limit)
+            self.worker = Scheduler(self.engine, self._prepare, self.host.admits, c.max_batch_size, wait,
+                                    self.metrics.batch)
+        else:
+            from .encoder import EncoderEngine
+
+            self.host = ModelHost(model, PeftModelForFeatureExtraction, c.max_loaded_adapters, c.batching,
+                                  placeholder_head=untrained_head)
+            self.engine = EncoderEngine(self.host, self.tokenizer, self.model_dir, c.max_input_tokens)
+            self.embedding_size = model.config.hidden_size
+            self.worker = Batcher(self.engine.run, self._prepare, self.host.admits, c.max_batch_size, wait,
+                                  self.metrics.batch)
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
-        self.batcher.start()
+        self.worker.start()
         self.ready = True
         log.info("serving %s (%s) with adapters %s", self.name, self.model_dir, list(self.host.specs))
 
     def stop(self) -> None:
         """Finish queued work, then stop the worker (called after the last request was answered)."""
         self.ready = False
-        self.batcher.stop()
+        self.worker.stop()
 
     def _prepare(self, names) -> dict:
         """Before a batch (worker thread): load its adapters; those that cannot load fail their rows."""
@@ -167,7 +213,7 @@ class DeltaServer:
 
     async def run_rows(self, adapter: Optional[str], rows: list) -> Job:
         """Queue ``rows`` for ``adapter`` and wait for them (up to the request timeout)."""
-        job = self.batcher.submit([adapter] * len(rows), rows)
+        job = self.worker.submit([adapter] * len(rows), rows)
         try:
             await asyncio.wait_for(asyncio.wrap_future(job.future), self.config.request_timeout)
         except asyncio.TimeoutError:
@@ -184,12 +230,44 @@ class DeltaServer:
             raise ServeError(409, f"an adapter named {name!r} is already loaded; unload it first", param="lora_name")
         real = confine(self.config.adapter_root, path)
         spec = await asyncio.to_thread(read_spec, name, real, self.host.base_params, False, self.config.adapter_root)
-        await asyncio.wrap_future(self.batcher.control(lambda: self.host.add(spec)))
+        await asyncio.wrap_future(self.worker.control(lambda: self.host.add(spec)))
         log.info("loaded adapter %s from %s", name, real)
         return spec
 
     async def unload_adapter(self, name: str) -> None:
         if not isinstance(name, str) or name not in self.host.specs:
             raise ServeError(404, f"no adapter named {name!r} is loaded", param="lora_name")
-        await asyncio.wrap_future(self.batcher.control(lambda: self.host.remove(name)))
+        await asyncio.wrap_future(self.worker.control(lambda: self.host.remove(name)))
         log.info("unloaded adapter %s", name)
+
+    async def generate(self, adapter: Optional[str], prompts: list, params):
+        """Queue one sequence per prompt; yields ``(sequence, text delta, finished)`` as steps produce
+        them. Leaving early (a client gone, a timeout) cancels the sequences still running."""
+        from .generation import GenSequence
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(seq, delta, done):  # worker thread -> this request's event loop
+            loop.call_soon_threadsafe(queue.put_nowait, (seq, delta, done))
+
+        seqs = [GenSequence(adapter, p, params, emit) for p in prompts]
+        for i, seq in enumerate(seqs):
+            seq.index = i
+        self.worker.submit(seqs)
+        deadline, left = loop.time() + self.config.request_timeout, len(seqs)
+        try:
+            while left:
+                try:
+                    seq, delta, done = await asyncio.wait_for(queue.get(), max(deadline - loop.time(), 0))
+                except asyncio.TimeoutError:
+                    raise ServeError(504, f"the request took longer than {self.config.request_timeout:g} s") from None
+                if isinstance(delta, ServeError):
+                    raise delta
+                if isinstance(delta, BaseException):
+                    raise ServeError(500, f"generation failed: {type(delta).__name__}: {delta}")
+                left -= bool(done)
+                yield seq, delta, done
+        finally:
+            for seq in seqs:
+                seq.cancelled = True  # (finished ones are gone already; running ones stop at the next step)

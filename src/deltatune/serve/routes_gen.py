@@ -1,0 +1,111 @@
+"""``/v1/completions`` and ``/v1/chat/completions`` (with ``stream`` as server-sent events) for a
+causal-LM server, in OpenAI's response shapes."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .errors import ServeError
+from .generation import SamplingParams
+from .schemas import ChatRequest, CompletionRequest, as_list
+
+
+def _params(body, server, max_tokens) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise ServeError(400, "stop takes at most 4 non-empty strings", param="stop")
+    return SamplingParams(max_tokens=16 if max_tokens is None else max_tokens, temperature=body.temperature,
+                          top_p=body.top_p, seed=body.seed, stop=stop)
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def add_generation_routes(app, server, guarded, batch_header: str) -> None:
+    """Register the generation routes on ``app`` (they answer 400 on an encoder server)."""
+
+    def _ready(model: str):
+        if server.kind != "causal-lm":
+            raise ServeError(400, "this server serves an encoder; use /v1/embeddings or /classify")
+        return server.adapter_for(model)
+
+    async def _run(body, adapter, prompts, params, chat: bool):
+        created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        obj = "chat.completion" if chat else "text_completion"
+        prompt_tokens = sum(len(p) for p in prompts)
+        events = server.generate(adapter, prompts, params)
+
+        def usage(outs):
+            done = sum(len(s.out) for s in outs)
+            server.metrics.served(body.model, len(prompts), prompt_tokens, done)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+        if not body.stream:
+            seqs = {}
+            async for seq, _, done in events:
+                if done:
+                    seqs[seq.index] = seq
+            outs = [seqs[i] for i in range(len(prompts))]
+            choices = [({"index": s.index, "message": {"role": "assistant", "content": s.text}} if chat else
+                        {"index": s.index, "text": s.text, "logprobs": None}) | {"finish_reason": s.finish_reason}
+                       for s in outs]
+            return JSONResponse({"id": rid, "object": obj, "created": created, "model": body.model,
+                                 "choices": choices, "usage": usage(outs)},
+                                headers={batch_header: str(max(s.batch_size for s in outs))})
+
+        first = await anext(events, None)  # errors before the first token still get a status code
+
+        async def stream():
+            chunk = {"id": rid, "object": "chat.completion.chunk" if chat else obj, "created": created,
+                     "model": body.model}
+            outs = []
+            if chat:
+                for i in range(len(prompts)):
+                    yield _sse(chunk | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                     "finish_reason": None}]})
+            item = first
+            try:
+                while item is not None:
+                    seq, delta, done = item
+                    if delta or done:
+                        piece = {"delta": {"content": delta} if delta else {}} if chat else {"text": delta,
+                                                                                            "logprobs": None}
+                        yield _sse(chunk | {"choices": [{"index": seq.index, **piece,
+                                                         "finish_reason": seq.finish_reason if done else None}]})
+                    if done:
+                        outs.append(seq)
+                    item = await anext(events, None)
+            except ServeError as exc:  # the status line is gone: report it in the stream
+                yield _sse(exc.body())
+            if len(outs) == len(prompts):
+                yield _sse(chunk | {"choices": [], "usage": usage(outs)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest):
+        adapter = _ready(body.model)
+        if body.logprobs or body.echo:
+            raise ServeError(400, "logprobs and echo are not served", param="logprobs")
+        items = as_list(body.prompt)
+        if not items or len(items) > server.config.max_inputs:
+            raise ServeError(400, f"prompt must hold 1 to {server.config.max_inputs} prompts", param="prompt")
+        prompts = [server.engine.encode(p, i) for i, p in enumerate(items)]
+        params = _params(body, server, body.max_tokens)
+        for p in prompts:
+            server.engine.check_params(params, len(p))
+        return await _run(body, adapter, prompts, params, chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(body: ChatRequest):
+        adapter = _ready(body.model)
+        prompt = server.engine.encode_chat([m.model_dump() for m in body.messages])
+        params = _params(body, server, body.max_completion_tokens or body.max_tokens)
+        server.engine.check_params(params, len(prompt))
+        return await _run(body, adapter, [prompt], params, chat=True)

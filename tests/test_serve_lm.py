@@ -1,0 +1,212 @@
+"""``deltatune serve`` on a causal LM (a tiny Llama built from a config, with a character tokenizer):
+completions and chat, streaming, continuous batching, each equal to offline deltatune ``generate``."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+
+from conftest import load_llama64, random_lora  # noqa: E402
+from deltatune import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from deltatune.serve import ServeConfig  # noqa: E402
+from test_serve import running  # noqa: E402
+
+PROMPTS = ["hello there", "the cat sat on", "Q: 2+2? A:", "abc"]
+CHAT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+def char_tokenizer():
+    """A character tokenizer with exactly the tiny Llama's 128 ids (0 pad, 1 bos, 2 eos, 3 unk)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + [chr(0xC0 + k) for k in range(29)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(chars)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tok.chat_template = CHAT
+    return tok
+
+
+@pytest.fixture(scope="module")
+def lm(llama64_dir, tmp_path_factory):
+    """(model folder with tokenizer, adapter root with adapters one/two/three, tokenizer)."""
+    base = tmp_path_factory.mktemp("serve_lm")
+    model_dir = base / "llama"
+    shutil.copytree(llama64_dir, model_dir)
+    tok = char_tokenizer()
+    tok.save_pretrained(model_dir)
+    root = base / "root"
+    for seed, name in ((1, "one"), (2, "two"), (3, "three")):
+        model = get_peft_model(load_llama64(str(model_dir)), LoraConfig(
+            task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+        random_lora(model, seed=seed, scale=0.6)
+        model.save_pretrained(root / name)
+    return model_dir, root, tok
+
+
+def offline(lm, adapter, prompts, max_tokens=12):
+    """Greedy completions by deltatune's own ``generate``, one prompt at a time (text, token count)."""
+    model_dir, root, tok = lm
+    model = load_llama64(str(model_dir))
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(root / adapter)).eval()
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([tok(prompt)["input_ids"] if isinstance(prompt, str) else prompt])
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=0)[0, ids.shape[1]:].tolist()
+        if 2 in new:  # the server stops at eos without counting it
+            new = new[:new.index(2)]
+        out.append((tok.decode(new, skip_special_tokens=True), len(new)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected(lm):
+    return {name: offline(lm, name, PROMPTS) for name in (None, "one", "two")}
+
+
+def config(lm, **kw):
+    model_dir, root, _ = lm
+    return ServeConfig(model=str(model_dir), adapters=[("one", str(root / "one")), ("two", str(root / "two"))],
+                       adapter_root=str(root), **kw)
+
+
+def complete(client, model, prompt, **kw):
+    r = client.post("/v1/completions", json={"model": model, "prompt": prompt, "temperature": 0,
+                                              "max_tokens": 12, **kw})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_completions_greedy_equal_offline_generate(lm, expected):
+    openai = pytest.importorskip("openai")
+    with running(config(lm)) as (url, server), httpx.Client(base_url=url, timeout=60) as client:
+        assert server.kind == "causal-lm"
+        for model, key in (("llama", None), ("one", "one"), ("two", "two")):
+            body = complete(client, model, PROMPTS).json()
+            assert [c["text"] for c in body["choices"]] == [t for t, _ in expected[key]]
+            assert body["usage"]["completion_tokens"] == sum(n for _, n in expected[key])
+            assert {c["finish_reason"] for c in body["choices"]} <= {"length", "stop"}
+        assert len({t for key in expected for t, _ in expected[key][:1]}) > 1  # adapters change the text
+        oc = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        got = oc.completions.create(model="one", prompt=PROMPTS[1], max_tokens=12, temperature=0)
+        assert got.choices[0].text == expected["one"][1][0]
+        ids = lm[2](PROMPTS[2])["input_ids"]  # token ids as the prompt
+        assert complete(client, "two", ids).json()["choices"][0]["text"] == expected["two"][2][0]
+
+
+def test_streaming_yields_the_same_text(lm, expected):
+    openai = pytest.importorskip("openai")
+    with running(config(lm)) as (url, _):
+        oc = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for model in ("one", "two"):
+            for i, prompt in enumerate(PROMPTS[:2]):
+                chunks = list(oc.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
+                                                    stream=True))
+                text = "".join(c.choices[0].text for c in chunks if c.choices)
+                assert text == expected[model][i][0]
+                assert len([c for c in chunks if c.choices]) > 2  # it came in pieces
+                assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
+        # A stop string: streamed and whole answers agree, and both end before it.
+        full = expected["one"][0][0]
+        stop = full[5:7]
+        plain = oc.completions.create(model="one", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop])
+        streamed = "".join(c.choices[0].text for c in oc.completions.create(
+            model="one", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[stop], stream=True) if c.choices)
+        assert plain.choices[0].text == streamed == full[:full.find(stop)]
+        assert plain.choices[0].finish_reason == "stop"
+
+
+def test_continuous_batching_new_requests_join_running_ones(lm, expected):
+    long = offline(lm, "one", [PROMPTS[0]], max_tokens=60)[0][0]
+    with running(config(lm, batching="grouped", max_wait_ms=1)) as (url, server), \
+            httpx.Client(base_url=url, timeout=60) as client:
+        done = {}
+
+        def ask_long():
+            done["long"] = (complete(client, "one", PROMPTS[0], max_tokens=60), time.monotonic())
+
+        thread = threading.Thread(target=ask_long)
+        thread.start()
+        while not server.worker.running():  # the long one is decoding
+            time.sleep(0.005)
+        short = complete(client, "two", PROMPTS[1])
+        short_done = time.monotonic()
+        thread.join()
+        long_response, long_done = done["long"]
+        assert short.json()["choices"][0]["text"] == expected["two"][1][0]
+        assert long_response.json()["choices"][0]["text"] == long
+        assert int(short.headers["x-deltatune-batch-size"]) == 2  # it joined the running sequence
+        assert short_done < long_done  # and left when it was done, before the long one
+
+        # Many concurrent requests over three models: all equal to offline, and they shared steps.
+        jobs = [(m, i) for m in ("llama", "one", "two") for i in range(len(PROMPTS))]
+        keys = {"llama": None, "one": "one", "two": "two"}
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(lambda j: (j, complete(client, j[0], PROMPTS[j[1]])), jobs))
+        for (model, i), r in results:
+            assert r.json()["choices"][0]["text"] == expected[keys[model]][i][0]
+        assert max(int(r.headers["x-deltatune-batch-size"]) for _, r in results) > 1
+        assert "deltatune_output_tokens_total" in client.get("/metrics").text
+
+
+def test_chat_completions_use_the_template(lm):
+    openai = pytest.importorskip("openai")
+    messages = [{"role": "user", "content": "hi, who are you?"}]
+    _, _, tok = lm
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    want = offline(lm, "two", [list(ids)])[0][0]
+    with running(config(lm)) as (url, _):
+        oc = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        got = oc.chat.completions.create(model="two", messages=messages, max_tokens=12, temperature=0)
+        assert got.choices[0].message.content == want
+        streamed = "".join(c.choices[0].delta.content or "" for c in oc.chat.completions.create(
+            model="two", messages=messages, max_tokens=12, temperature=0, stream=True) if c.choices)
+        assert streamed == want
+
+
+def test_sampling_with_a_seed_repeats(lm):
+    with running(config(lm)) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        texts = [complete(client, "one", PROMPTS[0], temperature=1.0, top_p=0.9, seed=7).json()["choices"][0]["text"]
+                 for _ in range(2)]
+        assert texts[0] == texts[1]
+
+
+def test_generation_bad_requests_and_runtime_adapters(lm, expected):
+    with running(config(lm, max_tokens_limit=64)) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        def status(route="/v1/completions", **body):
+            r = client.post(route, json=body)
+            return r.status_code, r.json()["error"]["message"]
+
+        assert status(model="nope", prompt="x")[0] == 404
+        assert status(model="one", prompt="x", max_tokens=65)[0] == 400
+        assert status(model="one", prompt="x", max_tokens=0)[0] == 400
+        assert status(model="one", prompt="x", n=2)[0] == 400
+        assert status(model="one", prompt="x", temperature=5)[0] == 400
+        assert status(model="one", prompt="x", logprobs=2)[0] == 400
+        assert status(model="one", prompt="x", stop=["a", "b", "c", "d", "e"])[0] == 400
+        code, message = status(model="one", prompt="y" * 5000)
+        assert code == 400 and "at most" in message
+        assert status(model="one", prompt=[[5, 999]])[0] == 400
+        assert status("/v1/embeddings", model="one", input="x")[0] == 400
+        assert status("/v1/chat/completions", model="one", messages=[])[0] == 400
+        # Loaded at run time, next to the others: its answers equal offline, the others' are unchanged.
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "three", "lora_path": "three"})
+        assert r.status_code == 200, r.text
+        assert [c["text"] for c in complete(client, "three", PROMPTS[:2]).json()["choices"]] == \
+            [t for t, _ in offline(lm, "three", PROMPTS[:2])]
+        assert [c["text"] for c in complete(client, "one", PROMPTS).json()["choices"]] == \
+            [t for t, _ in expected["one"]]
