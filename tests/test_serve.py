@@ -406,3 +406,26 @@ def test_dispatcher_probes_mixed_batches_and_falls_back(kind, mode):
         assert toy.calls[-1] == ["a1", "__base__", "a2", "a1"]  # one call for the whole batch
     else:
         assert toy.calls[-3:] == [None, None, None]  # one call per adapter group
+
+
+def test_pinned_adapters_are_never_evicted(root, expected):
+    config = ServeConfig(adapters=[("a1", str(root / "run1"))], adapter_root=str(root), max_loaded_adapters=2)
+    with running(config) as (url, server), httpx.Client(base_url=url, timeout=30) as client:
+        for name, path in (("a2", "two"), ("a3", "three")):
+            r = client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+            assert r.status_code == 200, r.text
+            assert "a1" in server.host.loaded and len(server.host.loaded) == 2
+        for _ in range(2):
+            check_all(client, expected, TEXTS[:1])  # a2 and a3 take turns in the one free slot
+            embed(client, "a3", TEXTS[:1])
+            assert "a1" in server.host.loaded and len(server.host.loaded) == 2
+
+
+def test_request_timeout_is_a_504_and_the_server_goes_on(root, expected):
+    config = ServeConfig(adapters=[("a1", str(root / "run1"))], max_wait_ms=3000, max_batch_size=64,
+                         request_timeout=0.5)
+    with running(config) as (url, server), httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/embeddings", json={"model": "a1", "input": TEXTS[:1]})
+        assert r.status_code == 504 and "longer than 0.5 s" in r.json()["error"]["message"]
+        server.config.request_timeout = 30.0
+        torch.testing.assert_close(embed(client, "a1", TEXTS[:1])[0], expected["a1"][0][:1], atol=1e-5, rtol=0)

@@ -129,9 +129,10 @@ def test_streaming_yields_the_same_text(lm, expected):
         assert plain.choices[0].finish_reason == "stop"
 
 
-def test_continuous_batching_new_requests_join_running_ones(lm, expected):
+@pytest.mark.parametrize("batching", ["auto", "grouped"])
+def test_continuous_batching_new_requests_join_running_ones(lm, expected, batching):
     long = offline(lm, "one", [PROMPTS[0]], max_tokens=60)[0][0]
-    with running(config(lm, batching="grouped", max_wait_ms=1)) as (url, server), \
+    with running(config(lm, batching=batching, max_wait_ms=1)) as (url, server), \
             httpx.Client(base_url=url, timeout=60) as client:
         done = {}
 
@@ -210,3 +211,20 @@ def test_generation_bad_requests_and_runtime_adapters(lm, expected):
             [t for t, _ in offline(lm, "three", PROMPTS[:2])]
         assert [c["text"] for c in complete(client, "one", PROMPTS).json()["choices"]] == \
             [t for t, _ in expected["one"]]
+
+
+def test_a_client_leaving_a_stream_stops_its_sequence(lm):
+    with running(config(lm, max_tokens_limit=1000)) as (url, server):
+        body = {"model": "one", "prompt": PROMPTS[0], "max_tokens": 1000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+        deadline = time.monotonic() + 10
+        while server.worker.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not server.worker.running()
+        steps = server.worker.steps
+        time.sleep(0.2)
+        assert server.worker.steps == steps < 1000  # nothing runs on for the client that left

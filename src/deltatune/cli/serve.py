@@ -35,6 +35,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     a("--request-timeout", type=float, default=60.0, help="seconds before a request gets a 504 (default 60)")
     a("--batching", default="auto", choices=["auto", "mixed", "grouped"],
       help="mixed-adapter batches: probe once (auto), always, or one call per adapter (grouped)")
+    a("--task", default="auto", choices=["auto", "encoder", "causal-lm"],
+      help="what the base model is (default: read from its architecture)")
+    a("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a generation request may ask (default 1024)")
     a("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -85,7 +88,8 @@ def serve_command(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
         api_key=args.api_key or os.environ.get("DELTATUNE_API_KEY") or None, dtype=args.dtype, device=args.device,
         max_input_tokens=args.max_input_tokens, max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes,
-        request_timeout=args.request_timeout, batching=args.batching)
+        request_timeout=args.request_timeout, batching=args.batching, task=args.task,
+        max_tokens_limit=args.max_tokens_limit)
     try:
         server = DeltaServer(config)
     except ServeError as exc:

@@ -82,6 +82,8 @@ def add_generation_routes(app, server, guarded, batch_header: str) -> None:
                     item = await anext(events, None)
             except ServeError as exc:  # the status line is gone: report it in the stream
                 yield _sse(exc.body())
+            finally:  # a client that went away: its sequences stop at the next step
+                await events.aclose()
             if len(outs) == len(prompts):
                 yield _sse(chunk | {"choices": [], "usage": usage(outs)})
             yield "data: [DONE]\n\n"
