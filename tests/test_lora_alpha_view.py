@@ -90,9 +90,6 @@ def test_rslora_adapter_divides_by_sqrt_r():
     assert layer.scaling["default"] == 3.0  # 6 / sqrt(4)
 
 
-@pytest.mark.xfail(strict=True, reason="needs methods/lora/__init__.py _add_adapter to mark the adapter: "
-                                       "layer.adapters[adapter_name].use_rslora = config.use_rslora (not this "
-                                       "helper's file; requested in its report)")
 def test_rslora_from_the_config_as_in_peft():
     pm, dm = _pair(r=4, lora_alpha=8, use_rslora=True)
     assert _layer(dm).lora_alpha["default"] == pytest.approx(_layer(pm).lora_alpha["default"]) == 8

@@ -19,6 +19,7 @@ def _add_adapter(layer: LoraLayer, module_name: str, adapter_name: str, config: 
         use_dora=config.use_dora,
         device=device,
     )
+    layer.adapters[adapter_name].use_rslora = config.use_rslora
 
 
 #: HF key suffix of each tensor role, per layer ``checkpoint_kind`` (embeddings have their own names).

@@ -174,7 +174,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str
     # Nothing below can be refused: every shape and name was checked above.
     with torch.no_grad():
         for swap in swaps.values():
-            _write(swap, new.lora_dropout)
+            _write(swap, new.lora_dropout, new.use_rslora)
         for target, tensor in copies:
             target.copy_(tensor)
     configs[adapter_name] = stored
@@ -271,9 +271,10 @@ def _check_layer(module: str, swap: _LayerSwap, tensors: dict[str, Tensor], new)
     swap.A, swap.B, swap.magnitude, swap.scaling = A, B, m, new.scaling_for(module)
 
 
-def _write(swap: _LayerSwap, dropout: float) -> None:
+def _write(swap: _LayerSwap, dropout: float, use_rslora: bool) -> None:
     """Write one layer's planned values (no checks left to fail)."""
     ad = swap.adapter
+    ad.use_rslora = bool(use_rslora)
     ad.write_factors(swap.A, swap.B)
     if swap.scaling is not None:
         ad.set_scaling(swap.scaling)

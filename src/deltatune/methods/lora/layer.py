@@ -39,6 +39,8 @@ class LoraAdapter(nn.Module):
             model prepared for compiled hot-swapping), so that a new value reaches a compiled graph
             without recompiling it (a float is a constant the graph is specialised on).
         variant: The :class:`~.variants.LoraVariant` that states what the adapter computes.
+        use_rslora: Whether ``s`` is ``alpha / sqrt(r)`` (rsLoRA) rather than ``alpha / r``: how the
+            ``lora_alpha[name]`` view turns ``s`` back into alpha.
         merge_norm: DoRA's norm at merge time, while merged (undoing the merge needs exactly that one).
         wrote_residual: Whether a PiSSA/OLoRA initialisation wrote ``W - s B A`` into the base weight.
     """
@@ -52,6 +54,7 @@ class LoraAdapter(nn.Module):
         self.scaling = float(scaling)
         self.dropout = float(dropout)
         self.variant = variant
+        self.use_rslora = False
         self.register_parameter("lora_magnitude_vector", None)
         self.merge_norm: Optional[Tensor] = None
         self.wrote_residual = False

@@ -81,7 +81,7 @@ class _Scalings(_View, MutableMapping):
 
 def _alpha_divisor(adapter) -> float:
     """What alpha is divided by to give the scaling: ``r``, or ``sqrt(r)`` for an rsLoRA adapter."""
-    return math.sqrt(adapter.r) if getattr(adapter, "use_rslora", False) else adapter.r
+    return math.sqrt(adapter.r) if adapter.use_rslora else adapter.r
 
 
 class _Alphas(_View, MutableMapping):
