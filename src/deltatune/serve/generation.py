@@ -1,21 +1,25 @@
 """Text generation for a causal LM host: prompts to token ids, one decode step for sequences of many
 adapters, sampling, stop strings and incremental text.
 
-A step runs every running sequence's whole prefix (left-padded) and reads the last position's logits.
-There is no key/value cache yet, so a step costs the full prefix; in exchange the running set may change
-freely between steps (iteration-level batching) and each row's result does not depend on its batch.
+Each sequence keeps its own key/value cache (:mod:`.kvcache`), so the running set may change freely
+between steps (iteration-level batching) and a row's result does not depend on its batch. Models whose
+cache cannot be split per sequence (sliding windows, ...) rerun each whole prefix per step instead.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 
+from . import kvcache
 from .errors import ServeError
 from .host import ModelHost
+
+log = logging.getLogger("deltatune.serve")
 
 
 @dataclass
@@ -46,6 +50,7 @@ class GenSequence:
         self.finish_reason: Optional[str] = None
         self.cancelled = False
         self.batch_size = 0
+        self.cache = None  # per layer (key, value) of prompt + out[:-1] (see .kvcache)
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator()
@@ -80,6 +85,7 @@ class GenerationEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = next(host.base.parameters()).device
         self._lock = threading.Lock()  # fast tokenizers must not be called from two threads at once
+        self.kv_cache: Optional[bool] = None  # whether the model's cache splits per sequence (known after a step)
 
     @property
     def chat(self) -> bool:
@@ -129,7 +135,30 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ worker thread
     def step(self, seqs: Sequence[GenSequence]) -> None:
-        """One decode step for every sequence in ``seqs``: pick a token each, update text, emit deltas."""
+        """One decode step for every sequence in ``seqs``: pick a token each, update text, emit deltas.
+
+        New sequences run their prompt (prefill) and keep its key/value cache; the others feed only their
+        last token on top of their cache. A model whose cache cannot be split per row runs every
+        sequence's whole prefix instead."""
+        with torch.no_grad():
+            if self.kv_cache is False:
+                logits = list(self._full(seqs, keep_cache=False))
+            else:
+                logits = [None] * len(seqs)
+                new = [i for i, s in enumerate(seqs) if s.cache is None]
+                old = [i for i, s in enumerate(seqs) if s.cache is not None]
+                for part, run in ((new, self._prefill), (old, self._decode)):
+                    if part:
+                        for i, row in zip(part, run([seqs[i] for i in part])):
+                            logits[i] = row
+        for seq, row in zip(seqs, logits):
+            seq.batch_size = max(seq.batch_size, len(seqs))
+            self._advance(seq, self._pick(seq, row.cpu()))
+            if seq.finish_reason is not None:
+                seq.cache = None
+
+    def _full(self, seqs: Sequence[GenSequence], keep_cache: bool) -> torch.Tensor:
+        """Run every sequence's prompt and output so far (left-padded); last-position logits per row."""
         rows = [s.prompt + s.out for s in seqs]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -145,14 +174,56 @@ class GenerationEngine:
             extra = {} if adapter_names is None else {"adapter_names": adapter_names}
             sel = torch.tensor(index, device=self.device)
             out = model(input_ids=ids[sel], attention_mask=mask[sel], position_ids=positions[sel],
-                        use_cache=False, **extra)
-            return (out.logits[:, -1].float(),)
+                        use_cache=keep_cache, **extra)
+            layers = kvcache.plain_layers(out.past_key_values) if keep_cache else None
+            if layers is None:
+                return (out.logits[:, -1].float(),)
+            return (out.logits[:, -1].float(), *[l.keys for l in layers], *[l.values for l in layers])
 
-        with torch.no_grad():
-            (logits,) = self.host.dispatcher.run([s.adapter for s in seqs], call)
-        for seq, row in zip(seqs, logits.cpu()):
-            seq.batch_size = max(seq.batch_size, len(seqs))
-            self._advance(seq, self._pick(seq, row))
+        out = self.host.dispatcher.run([s.adapter for s in seqs], call)
+        if keep_cache:
+            if self.kv_cache is None:
+                self.kv_cache = len(out) > 1
+                log.info("generation %s", "keeps a key/value cache per sequence" if self.kv_cache
+                         else "reruns each prefix (the model's cache cannot be split per sequence)")
+            if self.kv_cache:
+                half = (len(out) - 1) // 2
+                caches = kvcache.row_caches(list(out[1:1 + half]), list(out[1 + half:]), [len(r) for r in rows])
+                for seq, cache in zip(seqs, caches):
+                    seq.cache = cache
+        return out[0]
+
+    def _prefill(self, seqs: Sequence[GenSequence]) -> torch.Tensor:
+        return self._full(seqs, keep_cache=True)
+
+    def _decode(self, seqs: Sequence[GenSequence]) -> torch.Tensor:
+        """Feed each sequence's last token on top of its cache (caches stacked, left-padded)."""
+        keys, values, lengths = kvcache.stack([s.cache for s in seqs])
+        longest = max(lengths)
+        ids = torch.tensor([[s.out[-1]] for s in seqs], device=self.device)
+        mask = torch.zeros((len(seqs), longest + 1), dtype=torch.long)
+        for i, n in enumerate(lengths):
+            mask[i, longest - n:] = 1
+        mask = mask.to(self.device)
+        positions = torch.tensor([[n] for n in lengths], device=self.device)
+        model = self.host.model
+
+        def call(index: list[int], adapter_names: Optional[list[str]]):
+            extra = {} if adapter_names is None else {"adapter_names": adapter_names}
+            sel = torch.tensor(index, device=self.device)
+            past = kvcache.as_model_cache([k[sel] for k in keys], [v[sel] for v in values])
+            out = model(input_ids=ids[sel], attention_mask=mask[sel], position_ids=positions[sel],
+                        past_key_values=past, use_cache=True, **extra)
+            layers = out.past_key_values.layers
+            return (out.logits[:, -1].float(), *[l.keys[:, :, -1:] for l in layers],
+                    *[l.values[:, :, -1:] for l in layers])
+
+        out = self.host.dispatcher.run([s.adapter for s in seqs], call)
+        half = (len(out) - 1) // 2
+        new_keys, new_values = list(out[1:1 + half]), list(out[1 + half:])
+        for i, seq in enumerate(seqs):
+            seq.cache = kvcache.append(seq.cache, new_keys, new_values, i)
+        return out[0]
 
     def _pick(self, seq: GenSequence, logits: torch.Tensor) -> int:
         p = seq.params
