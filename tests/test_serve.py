@@ -429,3 +429,21 @@ def test_request_timeout_is_a_504_and_the_server_goes_on(root, expected):
         assert r.status_code == 504 and "longer than 0.5 s" in r.json()["error"]["message"]
         server.config.request_timeout = 30.0
         torch.testing.assert_close(embed(client, "a1", TEXTS[:1])[0], expected["a1"][0][:1], atol=1e-5, rtol=0)
+
+
+def test_loading_for_a_batch_never_evicts_another_adapter_of_the_same_batch(root, expected):
+    config = ServeConfig(adapter_root=str(root), max_loaded_adapters=2, max_wait_ms=400, max_batch_size=64)
+    with running(config) as (url, server), httpx.Client(base_url=url, timeout=30) as client:
+        for name, path in (("a1", "run1"), ("a2", "two"), ("a3", "three")):
+            assert client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}).status_code == 200
+        assert list(server.host.loaded) == ["a2", "a3"]
+        loads = server.host.loads
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(embed, client, "a1", TEXTS[:1])  # a1 first: loading it must not evict a2
+            time.sleep(0.1)
+            second = pool.submit(embed, client, "a2", TEXTS[:1])
+            (e1, r1), (e2, r2) = first.result(), second.result()
+        assert r1.headers["x-deltatune-batch-size"] == r2.headers["x-deltatune-batch-size"] == "2"
+        assert server.host.loads == loads + 1 and sorted(server.host.loaded) == ["a1", "a2"]
+        torch.testing.assert_close(e1[0], expected["a1"][0][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(e2[0], expected["a2"][0][0], atol=1e-5, rtol=0)

@@ -36,17 +36,25 @@ class Dispatcher:
     def __init__(self, activate, mode: str = "auto"):
         if mode not in ("auto", "mixed", "grouped"):
             raise ValueError(f"mode must be auto, mixed or grouped, got {mode!r}")
-        self.activate, self.mode = activate, mode
+        self.activate, self.default = activate, mode
+        self.modes: dict[str, str] = {}  # per kind of call: a forward with a cache may differ from one without
         self.model_calls = 0  # forward calls made (a grouped batch of k adapters makes k)
 
-    def run(self, names: Sequence[Optional[str]], call: Call) -> tuple[torch.Tensor, ...]:
-        """Outputs for every row of a batch whose row ``i`` runs adapter ``names[i]`` (None: the base)."""
+    @property
+    def mode(self) -> str:
+        """The mode of the plain (``forward``) calls."""
+        return self.modes.get("forward", self.default)
+
+    def run(self, names: Sequence[Optional[str]], call: Call, kind: str = "forward") -> tuple[torch.Tensor, ...]:
+        """Outputs for every row of a batch whose row ``i`` runs adapter ``names[i]`` (None: the base).
+
+        ``kind`` names the sort of call (e.g. ``prefill``, ``decode``): each is probed on its own."""
         distinct = list(dict.fromkeys(names))
         if len(distinct) == 1:
             return self._one(distinct[0], list(range(len(names))), call)
-        if self.mode == "auto":
-            self._probe(distinct, call)
-        if self.mode == "mixed":
+        if self.modes.setdefault(kind, self.default) == "auto":
+            self.modes[kind] = self._probe(distinct, call, kind)
+        if self.modes[kind] == "mixed":
             self.model_calls += 1
             return call(list(range(len(names))), [BASE if n is None else n for n in names])
         return self._grouped(names, distinct, call)
@@ -67,23 +75,23 @@ class Dispatcher:
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return tuple(torch.cat([p[k] for p in parts])[inverse.to(parts[0][k].device)] for k in range(len(parts[0])))
 
-    def _probe(self, distinct: list[Optional[str]], call: Call) -> None:
-        """Run row 0 under every adapter of the batch, grouped and mixed; decide if they differ."""
+    def _probe(self, distinct: list[Optional[str]], call: Call, kind: str) -> str:
+        """Run row 0 under every adapter of the batch, grouped and mixed; the mode they call for."""
         rows = [0] * len(distinct)
         grouped = [self._one(n, [0], call) for n in distinct]
         reference = tuple(torch.cat([g[k] for g in grouped]) for k in range(len(grouped[0])))
         first = reference[0]
         if all(torch.allclose(first[i], first[0], rtol=1e-5, atol=1e-6) for i in range(1, len(first))):
-            return  # the adapters agree on this row: a mixed call that ignored names would pass; decide later
+            return "auto"  # the adapters agree on this row: a mixed call that ignored names would pass
         try:
             self.model_calls += 1
             mixed = call(rows, [BASE if n is None else n for n in distinct])
         except (TypeError, ValueError, KeyError, NotImplementedError) as exc:
-            log.info("mixed-adapter batches unavailable (%s: %s); grouping rows by adapter", type(exc).__name__, exc)
-            self.mode = "grouped"
-            return
+            log.info("%s: mixed-adapter batches unavailable (%s: %s); grouping rows by adapter", kind,
+                     type(exc).__name__, exc)
+            return "grouped"
         same = all(m.shape == r.shape and torch.allclose(m.float(), r.float(), rtol=1e-4, atol=1e-5)
                    for m, r in zip(mixed, reference))
-        self.mode = "mixed" if same else "grouped"
-        log.info("mixed-adapter batches %s", "verified: one call per batch" if same
+        log.info("%s: mixed-adapter batches %s", kind, "verified: one call per batch" if same
                  else "give other outputs than per-adapter calls; grouping rows by adapter")
+        return "mixed" if same else "grouped"

@@ -180,7 +180,7 @@ class GenerationEngine:
                 return (out.logits[:, -1].float(),)
             return (out.logits[:, -1].float(), *[l.keys for l in layers], *[l.values for l in layers])
 
-        out = self.host.dispatcher.run([s.adapter for s in seqs], call)
+        out = self.host.dispatcher.run([s.adapter for s in seqs], call, "prefill" if keep_cache else "forward")
         if keep_cache:
             if self.kv_cache is None:
                 self.kv_cache = len(out) > 1
@@ -218,7 +218,7 @@ class GenerationEngine:
             return (out.logits[:, -1].float(), *[l.keys[:, :, -1:] for l in layers],
                     *[l.values[:, :, -1:] for l in layers])
 
-        out = self.host.dispatcher.run([s.adapter for s in seqs], call)
+        out = self.host.dispatcher.run([s.adapter for s in seqs], call, "decode")
         half = (len(out) - 1) // 2
         new_keys, new_values = list(out[1:1 + half]), list(out[1 + half:])
         for i, seq in enumerate(seqs):

@@ -92,10 +92,11 @@ class ModelHost:
         pinned = sum(s.pinned for s in self.specs.values())
         return len(wanted) + pinned <= self.max_loaded
 
-    def ensure_loaded(self, names: Iterable[Optional[str]]) -> None:
+    def ensure_loaded(self, names: Iterable[Optional[str]], keep: Iterable[Optional[str]] = ()) -> None:
         """Load every adapter of ``names`` not on the device, evicting the least recently used unpinned
-        adapters that ``names`` does not need."""
+        adapters that neither ``names`` nor ``keep`` (the rest of the batch) needs."""
         needed = [n for n in dict.fromkeys(names) if n is not None]
+        spare = set(needed) | set(keep)
         for name in needed:
             if name not in self.specs:
                 raise ServeError(404, f"no adapter named {name!r} is loaded")
@@ -103,7 +104,7 @@ class ModelHost:
                 self.loaded.move_to_end(name)
                 continue
             while self.max_loaded is not None and len(self.loaded) >= self.max_loaded:
-                victim = next((n for n in self.loaded if not self.specs[n].pinned and n not in needed), None)
+                victim = next((n for n in self.loaded if not self.specs[n].pinned and n not in spare), None)
                 if victim is None:
                     raise ServeError(503, f"adapter {name!r} cannot be loaded: all {self.max_loaded} slots "
                                           "(--max-loaded-adapters) are in use")

@@ -193,10 +193,10 @@ class DeltaServer:
 
     def _prepare(self, names) -> dict:
         """Before a batch (worker thread): load its adapters; those that cannot load fail their rows."""
-        failed = {}
+        failed, batch = {}, set(names)
         for name in dict.fromkeys(names):
-            try:
-                self.host.ensure_loaded([name])
+            try:  # one at a time, so one adapter that fails does not fail the others
+                self.host.ensure_loaded([name], keep=batch)
             except ServeError as exc:
                 failed[name] = exc
         return failed
