@@ -69,6 +69,16 @@ def root(tmp_path_factory):
     shutil.copytree(root / "two", root / "corrupt")
     st = root / "corrupt" / "adapter_model.safetensors"
     st.write_bytes(st.read_bytes()[:200])
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(root / "two", root / "shared")  # also carries a base weight every adapter shares
+    weights = load_file(root / "shared" / "adapter_model.safetensors")
+    weights["base_model.model.bert.embeddings.word_embeddings.weight"] = torch.zeros(30522, 384)
+    save_file(weights, root / "shared" / "adapter_model.safetensors")
+    from deltatune import PromptTuningConfig
+
+    get_peft_model(minilm_classifier(), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)).save_pretrained(
+        root / "prompt")
     save_adapter(str(base / "outside"), seed=6)  # a valid adapter outside the root
     os.symlink(base / "outside", root / "link_out")
     os.makedirs(root / "file_link")
@@ -246,6 +256,8 @@ def test_runtime_load_unload_while_others_keep_getting_answers(root, expected):
     ("corrupt", 422, "cannot be read"),
     ("three_labels", 422, "3-class head"),
     ("bias", 422, "base biases"),
+    ("shared", 422, "would overwrite base weights"),
+    ("prompt", 422, "PROMPT_TUNING adapter"),
     ("run1/metrics.json", 400, "not a folder"),
 ])
 def test_bad_adapter_paths_are_refused_and_nothing_changes(root, expected, path, status, words):

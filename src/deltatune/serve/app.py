@@ -119,18 +119,21 @@ def build_app(server: DeltaServer) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        """200 when the model is loaded and the worker runs (no API key needed)."""
         if not server.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", dependencies=guarded, response_class=PlainTextResponse)
     async def metrics():
+        """Counters, latency and batch-size histograms, adapters loaded/waiting/running (Prometheus text)."""
         waiting = {k or server.name: v for k, v in server.worker.waiting().items()}
         running = {k or server.name: v for k, v in getattr(server.worker, "running", dict)().items()}
         return server.metrics.render(server.host.loaded, server.host.specs, waiting, running)
 
     @app.get("/v1/models", dependencies=guarded)
     async def models():
+        """The base model and every adapter it serves (each adapter's ``parent`` is the base)."""
         created = int(server.started)
         data = [{"id": server.name, "object": "model", "created": created, "owned_by": "deltatune",
                  "root": server.model_dir, "parent": None}]
@@ -154,6 +157,7 @@ def build_app(server: DeltaServer) -> FastAPI:
 
     @app.post("/v1/embeddings", dependencies=guarded)
     async def embeddings(body: EmbeddingRequest):
+        """Sentence embeddings, pooled as the model was trained (float lists or base64 float32)."""
         adapter = server.adapter_for(body.model)
         if server.kind != "encoder":
             raise ServeError(400, "this server serves a causal language model; use /v1/completions")
@@ -170,6 +174,7 @@ def build_app(server: DeltaServer) -> FastAPI:
 
     @app.post("/classify", dependencies=guarded)
     async def classify(body: ClassifyRequest):
+        """Class probabilities and the most likely label per input, from an adapter's classification head."""
         adapter = server.adapter_for(body.model)
         spec = server.host.specs.get(adapter) if adapter is not None else None
         if spec is None or not spec.num_labels:
@@ -189,12 +194,15 @@ def build_app(server: DeltaServer) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter", dependencies=guarded)
     async def load_lora_adapter(body: LoadAdapterRequest):
+        """Load an adapter folder from under ``--adapter-root``; refused with a 4xx (and no change) if it
+        is unreadable, leaves the root, does not fit the base or would change weights others share."""
         spec = await server.load_adapter(body.lora_name, body.lora_path)
         return {"object": "lora_adapter", "id": spec.name, "parent": server.name, "root": spec.path,
                 "message": f"Success: LoRA adapter '{spec.name}' added successfully."}
 
     @app.post("/v1/unload_lora_adapter", dependencies=guarded)
     async def unload_lora_adapter(body: UnloadAdapterRequest):
+        """Stop serving an adapter and free its tensors."""
         await server.unload_adapter(body.lora_name)
         return {"object": "lora_adapter", "id": body.lora_name,
                 "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}

@@ -92,6 +92,7 @@ def add_generation_routes(app, server, guarded, batch_header: str) -> None:
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest):
+        """Complete prompts (greedy at temperature 0); ``stream`` sends server-sent events."""
         adapter = _ready(body.model)
         if body.logprobs or body.echo:
             raise ServeError(400, "logprobs and echo are not served", param="logprobs")
@@ -106,6 +107,7 @@ def add_generation_routes(app, server, guarded, batch_header: str) -> None:
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatRequest):
+        """Answer a chat through the tokenizer's chat template; ``stream`` sends server-sent events."""
         adapter = _ready(body.model)
         prompt = server.engine.encode_chat([m.model_dump() for m in body.messages])
         params = _params(body, server, body.max_completion_tokens or body.max_tokens)
