@@ -79,3 +79,43 @@ def test_serve_process_answers_then_sigterm_finishes_in_flight_requests_and_exit
     emb = torch.tensor([d["embedding"] for d in r.json()["data"]])
     torch.testing.assert_close(emb, expected["a1"][0][:2], atol=1e-5, rtol=0)
     assert '"message": "request"' in err and '"route": "/v1/embeddings"' in err  # structured (JSON) logs
+
+
+def test_serves_what_deltatune_train_wrote(tmp_path):
+    """``deltatune train`` then ``deltatune serve --adapter intents=<run>``: class names from the run,
+    probabilities equal to offline deltatune on the same folders."""
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from conftest import cli_bert
+    from deltatune import PeftModel
+    from deltatune.cli.data import BUNDLED_TEST, read_rows
+    from deltatune.cli.train import embedded_model_dir
+    from deltatune.serve import ServeConfig
+    from test_serve import running
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    cli_bert(tokenizer.vocab_size).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    rows = read_rows(BUNDLED_TEST)
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:48]))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tmp_path / "bert"), "--data", str(tmp_path / "small.jsonl"), "--epochs", "1",
+                 "--r", "4", "--batch-size", "16", "--no-baseline", "--output", str(run)]) == 0
+    labels = json.loads((run / "metrics.json").read_text())["dataset"]["labels"]
+    texts = [r["text"] for r in rows[48:52]]
+
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bert", num_labels=len(labels),
+                                                              ignore_mismatched_sizes=True)
+    model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    with torch.no_grad():
+        want = torch.stack([torch.softmax(model(**tokenizer(t, return_tensors="pt")).logits[0], -1) for t in texts])
+
+    with running(ServeConfig(model=str(tmp_path / "bert"), adapters=[("intents", str(run))])) as (url, _):
+        r = httpx.post(f"{url}/classify", json={"model": "intents", "input": texts}, timeout=30)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    torch.testing.assert_close(torch.tensor([d["probs"] for d in data]), want, atol=1e-5, rtol=0)
+    assert [d["label"] for d in data] == [labels[int(p.argmax())] for p in want]
+    assert set(labels) == {r["label"] for r in rows}  # the run's own class names, not LABEL_i
