@@ -28,6 +28,11 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    OFT = "OFT"
+    VERA = "VERA"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
 
 
 @dataclass(frozen=True)
