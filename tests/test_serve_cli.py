@@ -65,8 +65,10 @@ def test_serve_process_answers_then_sigterm_finishes_in_flight_requests_and_exit
 
         asker = threading.Thread(target=ask)
         asker.start()
-        time.sleep(0.5)  # the request is waiting in the batcher now
-        proc.send_signal(signal.SIGTERM)
+        while 'deltatune_waiting_rows{model="a1"} 2' not in httpx.get(f"{url}/metrics", headers=headers).text:
+            assert asker.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # the request is waiting in the batcher now
         asker.join(60)
         code = proc.wait(60)
     finally:

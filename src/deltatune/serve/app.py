@@ -113,8 +113,10 @@ def build_app(server: DeltaServer) -> FastAPI:
         route = getattr(request.scope.get("route"), "path", "other")
         seconds = time.perf_counter() - start
         server.metrics.request(route, response.status_code, seconds)
-        log.info("request", extra={"method": request.method, "route": route, "status": response.status_code,
-                                   "seconds": round(seconds, 6)})
+        extra = {"method": request.method, "route": route, "status": response.status_code, "seconds": round(seconds, 6)}
+        if BATCH_HEADER in response.headers:
+            extra["batch_size"] = int(response.headers[BATCH_HEADER])
+        log.info("request", extra=extra)
         return response
 
     @app.get("/health")
