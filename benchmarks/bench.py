@@ -1,7 +1,7 @@
 """Side-by-side benchmarks of deltatune and peft on the shared workload (see shared/BENCHMARKS.md).
 
     python benchmarks/bench.py                 # everything, prints a markdown table
-    python benchmarks/bench.py --only train    # one group: train | infer | half | memory | dora | setup | io | quant
+    python benchmarks/bench.py --only train    # one group: train | infer | half | memory | dora | setup | io | quant | mixed
     python benchmarks/bench.py --write         # also rewrite benchmarks/RESULTS.md
 
 Protocol: every figure is a ratio measured in one run. Contenders of a group are interleaved in a
@@ -386,8 +386,15 @@ def group_quant(rounds: int) -> list[tuple]:
     return rows
 
 
+def group_mixed(rounds: int) -> list[tuple]:
+    """Mixed-adapter batches (in bench_mixed.py)."""
+    from bench_mixed import group_mixed as mixed
+
+    return mixed(rounds)
+
+
 GROUPS = {"train": group_train, "infer": group_infer, "half": group_half, "memory": group_memory, "dora": group_dora,
-          "setup": group_setup, "io": group_io, "quant": group_quant}
+          "setup": group_setup, "io": group_io, "quant": group_quant, "mixed": group_mixed}
 
 
 def machine() -> str:
@@ -399,6 +406,9 @@ def machine() -> str:
 def table(rows: list[tuple]) -> str:
     lines = ["| figure | deltatune | peft 0.21 | deltatune / peft |", "|---|---|---|---|"]
     for name, dt_value, peft_value in rows:
+        if peft_value is None:  # peft refuses the case
+            lines.append(f"| {name} | {dt_value:.3f} | refused | |")
+            continue
         ratio = "" if name.startswith("(") else f"{dt_value / peft_value:.2f}"
         lines.append(f"| {name} | {dt_value:.3f} | {peft_value:.3f} | {ratio} |")
     return "\n".join(lines)

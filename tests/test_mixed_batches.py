@@ -187,8 +187,11 @@ def test_half_precision_base():
     torch.testing.assert_close(out, ref, atol=0.05, rtol=0)
 
 
-def test_classification_heads_per_row():
-    """modules_to_save: each row through its own adapter's classification head."""
+@pytest.mark.parametrize("gathered", [False, True])
+def test_classification_heads_per_row(gathered, monkeypatch):
+    """modules_to_save: each row through its own adapter's classification head (BERT: biases, DoRA)."""
+    if gathered:  # every linear layer with two adapters takes the gathered route
+        monkeypatch.setattr(mixed, "_GATHER_COST", 0)
     model = dt.get_peft_model(_random_biases(tiny_bert_cls()), dt.LoraConfig(r=4, target_modules=["query", "value"],
                                                               task_type="SEQ_CLS"), "x")
     model.add_adapter("y", dt.LoraConfig(r=8, target_modules=["query", "key", "dense"], use_dora=True,
@@ -218,8 +221,10 @@ class _EmbedNet(nn.Module):
         return self.proj(self.emb(input_ids))
 
 
-@pytest.mark.parametrize("kind", ["embedding", "conv", "conv1d"])
-def test_layer_kinds(kind):
+@pytest.mark.parametrize("kind", ["embedding", "conv", "conv1d", "conv1d-gathered"])
+def test_layer_kinds(kind, monkeypatch):
+    if kind.endswith("gathered"):
+        monkeypatch.setattr(mixed, "_GATHER_COST", 0)
     if kind == "embedding":
         torch.manual_seed(0)
         base, targets, inputs = _EmbedNet(), ["emb", "proj"], {"input_ids": _ids(4, 5)}
@@ -229,6 +234,9 @@ def test_layer_kinds(kind):
     else:  # transformers' Conv1D (GPT-2)
         base, targets, inputs = _random_biases(tiny_gpt2_lm()), ["c_attn", "c_fc"], {"input_ids": _ids(4, 6)}
     model = dt.get_peft_model(base, dt.LoraConfig(r=2, target_modules=targets), "p")
+    seen = []
+    real = mixed._gathers_pay
+    monkeypatch.setattr(mixed, "_gathers_pay", lambda *a: seen.append(real(*a)) or seen[-1])
     model.add_adapter("q", dt.LoraConfig(r=6, target_modules=targets[:1], use_dora=True))
     random_lora(model, seed=7)
     model.eval()
@@ -237,6 +245,7 @@ def test_layer_kinds(kind):
         out = main_output(model(**inputs, adapter_names=names))
         ref = torch.cat(_row_by_row(model, names, lambda m, i: main_output(m(**{k: v[i:i + 1] for k, v in inputs.items()}))))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert any(seen) == kind.endswith("gathered")
 
 
 def test_bad_requests_are_refused_and_change_nothing():

@@ -19,7 +19,7 @@ from torch.nn.modules import module as _torch_module
 
 from ...adapter_layer import logical_shape
 from . import functional as LF
-from . import inference
+from . import inference, mixed
 from .layer import LoraAdapter, LoraLayer
 
 # One cheap call when no autocast is on anywhere (the usual case); the per-device check costs 5x more.
@@ -101,7 +101,10 @@ class LoraLinear(LoraLayer):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         run, base = self._run, self._modules["base_layer"]  # (no nn.Module.__getattr__ in the hot path)
         if self.rows is not None:
-            return self._forward_rows(x, base(x, *args, **kwargs))
+            if (torch.is_grad_enabled() or args or kwargs or type(base) is not nn.Linear or not _runs_forward_only(base)
+                    or torch.compiler.is_compiling() or x.dtype is not base.weight.dtype):
+                return self._forward_rows(x, base(x, *args, **kwargs))
+            return mixed.linear_no_grad(self, x, base.weight, base.bias, self.rows)
         if not run:
             return base(x, *args, **kwargs)
         if (args or kwargs or type(base) is not nn.Linear or not _runs_forward_only(base)

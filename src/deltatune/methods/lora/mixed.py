@@ -170,24 +170,57 @@ def _padded(stack: Stack) -> tuple[Tensor, Tensor]:
     return padded
 
 
+@dataclass
+class _Rows:
+    """What one layer needs for one call's rows: its adapters' stack, each row's slot, the row mask."""
+
+    stack: Stack
+    slots: Tensor
+    mask: Tensor  # (rows, sum r) in the stack's dtype
+    scale: Optional[Tensor] = None  # (rows, out): c per row, when an adapter rescales
+
+
+def _rows(layer, x: Tensor, plan, grad: bool) -> Optional[_Rows]:
+    """The layer's :class:`_Rows` for input ``x``; None if no row names an adapter of this layer.
+
+    Without gradients it is kept in the plan for the rest of the call (a generate call's decoding steps
+    reuse it: the weights do not change within one call); with gradients the stack is built per call.
+    """
+    rows = x.shape[0]
+    key = (id(layer), rows, x.dtype)
+    if not grad:
+        found = plan.memo.get(key)
+        if found is not None:
+            return found
+    names = plan.present(layer.adapters)
+    if not names:
+        return None
+    slots = plan.slots(names, rows, x.device)
+    dtype = x.dtype if x.is_floating_point() and not grad else layer.adapters[names[0]].lora_A.dtype
+    stack = _build(layer, names, dtype) if grad else _stack(layer, names, dtype)
+    found = _Rows(stack, slots, _mask(plan, stack, slots, rows, dtype),
+                  None if stack.scale is None else stack.scale[slots])
+    if not grad and stack is not None:
+        plan.memo[key] = found
+    return found
+
+
 def forward(layer, x: Tensor, out: Tensor, plan) -> Tensor:
     """The output of ``layer`` for a mixed batch: ``out`` is the base layer's output for the whole batch.
 
     ``x: (rows, ...)`` is the layer's input, ``rows`` the batch (or a multiple, see ``RowPlan.slots``).
     """
-    names = plan.present(layer.adapters)
-    if not names:
-        return out
-    rows = x.shape[0]
-    slots = plan.slots(names, rows, x.device)
     grad = torch.is_grad_enabled()
-    dtype = x.dtype if x.is_floating_point() and not grad else layer.adapters[names[0]].lora_A.dtype
-    stack = _build(layer, names, dtype) if grad else _stack(layer, names, dtype)
+    found = _rows(layer, x, plan, grad)
+    if found is None:
+        return out
+    stack, slots = found.stack, found.slots
+    rows, dtype = x.shape[0], stack.down.dtype
     h_in = x if not x.is_floating_point() or x.dtype == dtype else x.to(dtype)
-    h_in = _dropout(layer, h_in, slots, names) if x.is_floating_point() else h_in
+    h_in = _dropout(layer, h_in, slots, stack.names) if x.is_floating_point() else h_in
     ch = layer._channel_dim
-    if stack.scale is not None:  # a rescaling (DoRA) adapter: y = c * out + b (1 - c) + ...
-        scaled = out * _along_channels(stack.scale[slots].to(out.dtype), out, ch)
+    if found.scale is not None:  # a rescaling (DoRA) adapter: y = c * out + b (1 - c) + ...
+        scaled = out * _along_channels(found.scale.to(out.dtype), out, ch)
         if stack.shift is not None:
             scaled = scaled + _along_channels(stack.shift[slots].to(out.dtype), out, ch)
         out = scaled
@@ -197,8 +230,45 @@ def forward(layer, x: Tensor, out: Tensor, plan) -> Tensor:
         delta = torch.bmm(torch.bmm(h3, down[slots]), up[slots]).view(out.shape)
     else:
         h = layer._down(h_in, stack.down)
-        h = h * _along_channels(_mask(plan, stack, slots, rows, h.dtype), h, ch)
+        h = h * _along_channels(found.mask, h, ch)
         delta = layer._up(h, stack.up)
     if not grad and delta.dtype == out.dtype and not out.requires_grad:
         return out.add_(delta) if out.is_contiguous() else out + delta
     return out + delta.to(out.dtype)
+
+
+def linear_no_grad(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], plan) -> Tensor:
+    """:func:`forward` for a plain ``nn.Linear`` base without gradients, ``x`` in the weight's dtype: the
+    base GEMM accumulates into the low-rank result (or the result into the base's, for DoRA and half
+    precision), in as few ops as a decoded token allows. ``y = c * (x W^T) + b + (mask * (x A^T)) B'``.
+    """
+    found = _rows(layer, x, plan, False)
+    if found is None:
+        return F.linear(x, weight, bias)
+    stack, slots = found.stack, found.slots
+    shape, rows = x.shape, x.shape[0]
+    x2 = x.reshape(-1, shape[-1])
+    tokens = x2.shape[0] // rows
+    if _gathers_pay(layer, x, rows, stack):
+        down, up = _padded(stack)
+        out = F.linear(x2, weight, None if found.scale is not None else bias).view(rows, tokens, -1)
+        if found.scale is not None:
+            out.mul_(found.scale[:, None])
+            if bias is not None:
+                out.add_(bias)
+        out.baddbmm_(torch.bmm(x2.view(rows, tokens, -1), down[slots]), up[slots])
+        return out.view(*shape[:-1], out.shape[-1])
+    h = torch.mm(x2, stack.down)
+    (h if tokens == 1 else h.view(rows, tokens, -1)).mul_(found.mask if tokens == 1 else found.mask[:, None])
+    if found.scale is None and weight.dtype in (torch.float32, torch.float64):
+        out = torch.mm(h, stack.up) if bias is None else torch.addmm(bias, h, stack.up)
+        out.addmm_(x2, weight.t())
+    else:
+        out = torch.mm(x2, weight.t())
+        if found.scale is not None:
+            (out if tokens == 1 else out.view(rows, tokens, -1)).mul_(
+                found.scale if tokens == 1 else found.scale[:, None])
+        out.addmm_(h, stack.up)
+        if bias is not None:
+            out.add_(bias)
+    return out.view(*shape[:-1], out.shape[-1])
