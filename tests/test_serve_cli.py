@@ -31,6 +31,8 @@ def _free_port() -> int:
     (["--adapter", "a1=/does/not/exist"], "does not exist"),
     (["--adapter", "a.b=."], "invalid adapter name"),
     (["--model", "/does/not/exist"], "could not load a model"),
+    (["--max-batch-size", "0"], "--max-batch-size 0 is out of range"),
+    (["--max-loaded-adapters", "0", "--request-timeout", "-1"], "--request-timeout -1.0 is out of range"),
 ])
 def test_serve_command_errors_are_one_line_exit_2(argv, words, capsys):
     assert main(["serve", *argv]) == 2

@@ -80,6 +80,23 @@ def _dtype(name: str):
     return table[name]
 
 
+def _check(c: ServeConfig) -> None:
+    """400 for options out of range (before anything is loaded)."""
+    bad = [(name, value) for name, value, ok in (
+        ("--max-batch-size", c.max_batch_size, c.max_batch_size >= 1),
+        ("--max-wait-ms", c.max_wait_ms, c.max_wait_ms >= 0),
+        ("--max-loaded-adapters", c.max_loaded_adapters, c.max_loaded_adapters is None or c.max_loaded_adapters >= 1),
+        ("--max-inputs", c.max_inputs, c.max_inputs >= 1),
+        ("--max-input-tokens", c.max_input_tokens, c.max_input_tokens is None or c.max_input_tokens >= 1),
+        ("--max-tokens-limit", c.max_tokens_limit, c.max_tokens_limit >= 1),
+        ("--max-body-bytes", c.max_body_bytes, c.max_body_bytes >= 0),
+        ("--request-timeout", c.request_timeout, c.request_timeout > 0),
+        ("--batching", c.batching, c.batching in ("auto", "mixed", "grouped")),
+    ) if not ok]
+    if bad:
+        raise ServeError(400, "; ".join(f"{name} {value!r} is out of range" for name, value in bad))
+
+
 def _kind(model_config, task: str) -> str:
     """``causal-lm`` or ``encoder``: asked for, or read off the folder's architecture names."""
     if task in ("encoder", "causal-lm"):
@@ -105,6 +122,7 @@ class DeltaServer:
         import torch
         import transformers
 
+        _check(config)
         self.config = config
         self.started = time.time()
         self.model_dir = config.model or _embedded_model_dir()
