@@ -16,7 +16,6 @@ from .adapter_tensors import activate
 from .config import PeftConfig, TaskType
 from .host import AdapterHost, uses_checkpointing
 from .prompt_adapters import build_prompt_encoder
-from .quant.bnb import param_numel
 from .registry import PromptMethod, get_method, method_hook, task_model
 
 
@@ -84,6 +83,12 @@ class PeftModel(nn.Module):
         inputs = get_method(config.peft_type).model_inputs(self.prompt_encoder[prompt], self.base_model.model,
                                                            config.task_type == TaskType.CAUSAL_LM, **kwargs)
         return self.base_model.model(**inputs)
+
+    def generate(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
+        """The base model's ``generate``; with ``adapter_names``, each prompt through its own adapter."""
+        if adapter_names is not None:
+            return row_routing.call(self, self.generate, args, kwargs, adapter_names)
+        return self.base_model.model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         """The underlying model (adapter layers included)."""
@@ -279,19 +284,8 @@ class PeftModel(nn.Module):
     get_layer_status = status.get_layer_status  # (each adapter layer's state, with peft's field names)
     get_model_status = status.get_model_status
 
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts."""
-        trainable = total = 0
-        for p in self.parameters():
-            n = param_numel(p)  # packed 4-bit storage counts every weight it holds
-            total += n
-            trainable += n if p.requires_grad else 0
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    get_nb_trainable_parameters = status.get_nb_trainable_parameters
+    print_trainable_parameters = status.print_trainable_parameters
 
     def _inputs_require_grad(self) -> None:
         enable = getattr(self.base_model.model, "enable_input_require_grads", None)

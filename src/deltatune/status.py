@@ -13,7 +13,7 @@ from torch import nn
 
 from . import injection
 from .modules_to_save import ModulesToSaveWrapper
-from .quant.bnb import quant_kind
+from .quant.bnb import param_numel, quant_kind
 from .registry import adapter_layer_types, get_method
 
 Flag = Union[bool, Literal["irregular"]]
@@ -137,3 +137,20 @@ def get_model_status(model: nn.Module) -> ModelStatus:
 
 
 __all__ = ["LayerStatus", "ModelStatus", "get_layer_status", "get_model_status"]
+
+
+def get_nb_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (packed 4-bit storage counts every weight it holds)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = param_numel(p)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print the counts as peft does: ``trainable params: ... || all params: ... || trainable%: ...``."""
+    trainable, total = get_nb_trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+          f"trainable%: {100 * trainable / max(total, 1):.4f}")
