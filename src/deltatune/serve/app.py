@@ -123,7 +123,7 @@ def build_app(server: DeltaServer) -> FastAPI:
     async def health():
         """200 when the model is loaded and the worker runs (no API key needed)."""
         if not server.ready:
-            return JSONResponse({"status": "starting"}, status_code=503)
+            return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", dependencies=guarded, response_class=PlainTextResponse)
