@@ -26,6 +26,12 @@ def _check_adapter_name(name: str) -> None:
         raise ValueError(f"adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
 
 
+def _for_load(config: PeftConfig, is_trainable: bool) -> PeftConfig:
+    """``config`` itself if its ``inference_mode`` already says what the load does, else a copy that does
+    (a config the caller passed is never changed)."""
+    return config if config.inference_mode == (not is_trainable) else config.replace(inference_mode=not is_trainable)
+
+
 class PeftModel(nn.Module):
     """A model with named adapters: add, switch, merge, save and load them.
 
@@ -346,7 +352,7 @@ class PeftModel(nn.Module):
         go to the Hub download.
         """
         files = ckpt.read_adapter(model_id, subfolder, revision, key_mapping, config, **hub_kwargs)
-        config, weights = files.config.replace(inference_mode=not is_trainable), files.weights
+        config, weights = _for_load(files.config, is_trainable), files.weights
         target_cls = (task_model(config.task_type) or PeftModel) if cls is PeftModel else cls
         undo = injection.Undo(model)  # taken before the adapter goes in: a failed load puts all of it back
         try:
@@ -373,7 +379,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it first")
         files = ckpt.read_adapter(model_id, subfolder, revision, key_mapping, **hub_kwargs)
-        config, weights = files.config.replace(inference_mode=not is_trainable), files.weights
+        config, weights = _for_load(files.config, is_trainable), files.weights
         undo = injection.Undo(self)  # this PeftModel and its model as they are before the adapter goes in
         self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
         try:
