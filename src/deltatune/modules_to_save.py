@@ -62,7 +62,7 @@ class ModulesToSaveWrapper(nn.Module):
         """One call of each distinct module on its rows of ``x`` (its first dimension: the batch, or a
         multiple of it), the results put back in row order."""
         plan = self.rows
-        present = plan.present(self.modules_to_save)
+        present = plan.present(self.modules_to_save._modules)
         slots = plan.slots(present, x.shape[0], x.device)
         modules = [self.original_module] + [self.modules_to_save[n] for n in present]
         parts, order = [], []

@@ -93,12 +93,17 @@ def _stack(layer, names: tuple[str, ...], dtype: torch.dtype) -> Stack:
     scalings = tuple(ad.scaling for ad in ads)
     if any(isinstance(s, Tensor) for s in scalings):  # (hot-swap scalings: no stamp that covers them)
         return _build(layer, names, dtype)
-    tensors = []
+    tensors, rescales = [], False
     for ad in ads:
         p = ad._parameters
-        tensors += (p["lora_A"], p["lora_B"], p["lora_magnitude_vector"])
-    base = layer.base_layer
-    tensors += (base.weight, getattr(base, "bias", None))
+        tensors += (p["lora_A"], p["lora_B"])
+        m = p["lora_magnitude_vector"]
+        if m is not None:
+            tensors.append(m)
+            rescales = True
+    if rescales:  # (DoRA's scale and shift also derive from the base weight and bias; LoRA's factors do not)
+        base = layer.base_layer
+        tensors += (base.weight, getattr(base, "bias", None))
     key = ("mixed", names, dtype)
     entry = layer.cache.lookup(key, tuple(tensors), scalings)
     if entry is None:
@@ -146,9 +151,9 @@ def _along_channels(v: Tensor, like: Tensor, channel_dim: int) -> Tensor:
 def _gathers_pay(layer, x: Tensor, rows: int, stack: Stack) -> bool:
     """Whether the gathered route is cheaper: per row ``tokens * max r`` against ``tokens * sum r``
     multiply-adds per feature, plus ``max r`` gathered factor elements per feature (see ``_GATHER_COST``)."""
-    if not getattr(layer, "_mixed_gathers", False) or len(stack.ranks) < 2:
-        return False
     tokens = x.numel() // (rows * x.shape[-1])
+    if tokens == 1 or len(stack.ranks) < 2 or not getattr(layer, "_mixed_gathers", False):
+        return False
     r_max, r_sum = max(stack.ranks), sum(stack.ranks)
     return tokens * (r_sum - r_max) > _GATHER_COST * r_max
 
@@ -192,14 +197,14 @@ def _rows(layer, x: Tensor, plan, grad: bool) -> Optional[_Rows]:
         found = plan.memo.get(key)
         if found is not None:
             return found
-    names = plan.present(layer.adapters)
+    names = plan.present(layer.adapters._modules)
     if not names:
         return None
     slots = plan.slots(names, rows, x.device)
     dtype = x.dtype if x.is_floating_point() and not grad else layer.adapters[names[0]].lora_A.dtype
     stack = _build(layer, names, dtype) if grad else _stack(layer, names, dtype)
     found = _Rows(stack, slots, _mask(plan, stack, slots, rows, dtype),
-                  None if stack.scale is None else stack.scale[slots])
+                  None if stack.scale is None else stack.scale.index_select(0, slots))
     if not grad and stack is not None:
         plan.memo[key] = found
     return found
@@ -222,12 +227,12 @@ def forward(layer, x: Tensor, out: Tensor, plan) -> Tensor:
     if found.scale is not None:  # a rescaling (DoRA) adapter: y = c * out + b (1 - c) + ...
         scaled = out * _along_channels(found.scale.to(out.dtype), out, ch)
         if stack.shift is not None:
-            scaled = scaled + _along_channels(stack.shift[slots].to(out.dtype), out, ch)
+            scaled = scaled + _along_channels(stack.shift.index_select(0, slots).to(out.dtype), out, ch)
         out = scaled
     if _gathers_pay(layer, h_in, rows, stack):
         down, up = _padded(stack)
         h3 = h_in.reshape(rows, -1, h_in.shape[-1])
-        delta = torch.bmm(torch.bmm(h3, down[slots]), up[slots]).view(out.shape)
+        delta = torch.bmm(torch.bmm(h3, down.index_select(0, slots)), up.index_select(0, slots)).view(out.shape)
     else:
         h = layer._down(h_in, stack.down)
         h = h * _along_channels(found.mask, h, ch)
@@ -256,7 +261,8 @@ def linear_no_grad(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], pla
             out.mul_(found.scale[:, None])
             if bias is not None:
                 out.add_(bias)
-        out.baddbmm_(torch.bmm(x2.view(rows, tokens, -1), down[slots]), up[slots])
+        # (index_select: several times faster than indexing with a tensor, on the CPU)
+        out.baddbmm_(torch.bmm(x2.view(rows, tokens, -1), down.index_select(0, slots)), up.index_select(0, slots))
         return out.view(*shape[:-1], out.shape[-1])
     h = torch.mm(x2, stack.down)
     (h if tokens == 1 else h.view(rows, tokens, -1)).mul_(found.mask if tokens == 1 else found.mask[:, None])
