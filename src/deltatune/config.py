@@ -155,6 +155,11 @@ class PeftConfig:
         """A validated copy with some fields changed (the original is untouched)."""
         return dataclasses.replace(self, **changes)
 
+    def for_load(self, is_trainable: bool) -> "PeftConfig":
+        """This config itself if its ``inference_mode`` already says what a load with ``is_trainable`` does,
+        else a copy that does (a config the caller passed is never changed)."""
+        return self if self.inference_mode == (not is_trainable) else self.replace(inference_mode=not is_trainable)
+
 
 def _copy_default(value: Any) -> Any:
     return dict(value) if isinstance(value, dict) else value

@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Sequence, Union
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import injection, merging, row_routing, status
+from . import hub, injection, merging, row_routing, status
 from .adapter_tensors import activate
 from .config import PeftConfig, TaskType
 from .host import AdapterHost, uses_checkpointing
@@ -24,12 +24,6 @@ def _check_adapter_name(name: str) -> None:
     # a separator or a dot could write outside the save folder.
     if not isinstance(name, str) or not name or any(c in name for c in "./\\") or "\x00" in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', '/' or '\\', got {name!r}")
-
-
-def _for_load(config: PeftConfig, is_trainable: bool) -> PeftConfig:
-    """``config`` itself if its ``inference_mode`` already says what the load does, else a copy that does
-    (a config the caller passed is never changed)."""
-    return config if config.inference_mode == (not is_trainable) else config.replace(inference_mode=not is_trainable)
 
 
 class PeftModel(nn.Module):
@@ -290,6 +284,7 @@ class PeftModel(nn.Module):
     get_layer_status = status.get_layer_status  # (each adapter layer's state, with peft's field names)
     get_model_status = status.get_model_status
 
+    push_to_hub = hub.push_to_hub  # (save_pretrained into a temporary folder, then huggingface_hub's upload)
     get_nb_trainable_parameters = status.get_nb_trainable_parameters
     print_trainable_parameters = status.print_trainable_parameters
 
@@ -352,7 +347,7 @@ class PeftModel(nn.Module):
         go to the Hub download.
         """
         files = ckpt.read_adapter(model_id, subfolder, revision, key_mapping, config, **hub_kwargs)
-        config, weights = _for_load(files.config, is_trainable), files.weights
+        config, weights = files.config.for_load(is_trainable), files.weights
         target_cls = (task_model(config.task_type) or PeftModel) if cls is PeftModel else cls
         undo = injection.Undo(model)  # taken before the adapter goes in: a failed load puts all of it back
         try:
@@ -379,7 +374,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it first")
         files = ckpt.read_adapter(model_id, subfolder, revision, key_mapping, **hub_kwargs)
-        config, weights = _for_load(files.config, is_trainable), files.weights
+        config, weights = files.config.for_load(is_trainable), files.weights
         undo = injection.Undo(self)  # this PeftModel and its model as they are before the adapter goes in
         self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
         try:
