@@ -64,7 +64,13 @@ def root(tmp_path_factory):
     (root / "run1" / "metrics.json").write_text(json.dumps({"dataset": {"labels": LABELS}}))
     save_adapter(str(root / "two"), seed=2)
     save_adapter(str(root / "three"), seed=3)
-    save_adapter(str(root / "three_labels"), seed=4, num_labels=3)  # head does not fit the 5-class base
+    save_adapter(str(root / "three_labels"), seed=4, num_labels=3)  # another task: 3 classes
+    from transformers import BertConfig, BertForSequenceClassification
+
+    small = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64, num_labels=5))
+    get_peft_model(small, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])).save_pretrained(
+        root / "other_base")  # same module names as MiniLM, other shapes
     save_adapter(str(root / "bias"), seed=5, bias="all")  # would change biases every adapter shares
     shutil.copytree(root / "two", root / "corrupt")
     st = root / "corrupt" / "adapter_model.safetensors"
@@ -254,7 +260,7 @@ def test_runtime_load_unload_while_others_keep_getting_answers(root, expected):
     ("run1/../../outside", 403, "outside the adapter root"),
     ("missing", 404, "does not exist"),
     ("corrupt", 422, "cannot be read"),
-    ("three_labels", 422, "3-class head"),
+    ("other_base", 422, "does not fit the base model"),
     ("bias", 422, "base biases"),
     ("shared", 422, "would overwrite base weights"),
     ("prompt", 422, "PROMPT_TUNING adapter"),
@@ -459,3 +465,27 @@ def test_loading_for_a_batch_never_evicts_another_adapter_of_the_same_batch(root
         assert server.host.loads == loads + 1 and sorted(server.host.loaded) == ["a1", "a2"]
         torch.testing.assert_close(e1[0], expected["a1"][0][0], atol=1e-5, rtol=0)
         torch.testing.assert_close(e2[0], expected["a2"][0][0], atol=1e-5, rtol=0)
+
+
+def test_tasks_with_different_numbers_of_classes_share_the_base(root, expected):
+    """A 5-class and a 3-class adapter on one server, in one batch: each equals its offline model."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    model = PeftModel.from_pretrained(minilm_classifier(3), str(root / "three_labels")).eval()
+    with torch.no_grad():
+        want3 = torch.stack([torch.softmax(model(**tokenizer(t, return_tensors="pt")).logits[0], -1) for t in TEXTS])
+    config = ServeConfig(adapters=[("a1", str(root / "run1")), ("a2", str(root / "two"))], adapter_root=str(root),
+                         max_wait_ms=200)
+    with running(config) as (url, server), httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "three", "lora_path": "three_labels"})
+        assert r.status_code == 200, r.text
+        with ThreadPoolExecutor(4) as pool:
+            jobs = [pool.submit(classify, client, m, TEXTS) for m in ("a1", "three", "a1", "three")]
+            got = [j.result() for j in jobs]
+        for (probs, r), want in zip(got, (expected["a1"][1], want3) * 2):
+            torch.testing.assert_close(probs, want, atol=1e-5, rtol=0)
+        assert max(int(r.headers["x-deltatune-batch-size"]) for _, r in got) > len(TEXTS)  # shared batches
+        assert [d["num_classes"] for d in got[1][1].json()["data"]] == [3] * len(TEXTS)
+        assert [d["label"] for d in got[1][1].json()["data"]] == [f"LABEL_{int(p.argmax())}" for p in want3]
+        check_all(client, expected, TEXTS[:2])  # the 5-class adapters and the base are unchanged

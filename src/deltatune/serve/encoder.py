@@ -109,7 +109,10 @@ class EncoderEngine:
         return out
 
     def run(self, names: list[Optional[str]], rows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(embedding, class probabilities) for each row; row ``i`` runs adapter ``names[i]``."""
+        """(embedding, class probabilities) for each row; row ``i`` runs adapter ``names[i]``.
+
+        Adapters whose heads have different numbers of classes give logits of different widths, which
+        one call cannot return together: rows are split by head width, one dispatch per width."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -126,6 +129,14 @@ class EncoderEngine:
             embedding = pool(out.hidden_states[-1], mask[sel], self.pooling, self.normalize)
             return embedding, torch.softmax(out.logits.float(), dim=-1)
 
+        widths: dict[int, list[int]] = {}
+        for i, name in enumerate(names):
+            widths.setdefault(self.host.head_size(name), []).append(i)
+        out: list = [None] * len(rows)
         with torch.no_grad():
-            embeddings, probs = self.host.dispatcher.run(names, call)
-        return [(embeddings[i].cpu(), probs[i].cpu()) for i in range(len(rows))]
+            for part in widths.values():
+                embeddings, probs = self.host.dispatcher.run(
+                    [names[i] for i in part], lambda index, an, part=part: call([part[j] for j in index], an))
+                for j, i in enumerate(part):
+                    out[i] = (embeddings[j].cpu(), probs[j].cpu())
+        return out

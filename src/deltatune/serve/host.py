@@ -28,14 +28,10 @@ class ModelHost:
         dispatch: Batching mode for :class:`~.dispatch.Dispatcher` (auto, mixed, grouped).
     """
 
-    def __init__(self, model: nn.Module, peft_class: type, max_loaded: Optional[int] = None, dispatch: str = "auto",
-                 placeholder_head: bool = False):
+    def __init__(self, model: nn.Module, peft_class: type, max_loaded: Optional[int] = None, dispatch: str = "auto"):
         if max_loaded is not None and max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
         self.base, self.peft_class, self.max_loaded = model, peft_class, max_loaded
-        # The base folder had no trained head (an encoder such as MiniLM): the first adapter with a head
-        # sets its size, as long as no adapter is loaded yet.
-        self.placeholder_head = placeholder_head
         self.peft = None  # the PeftModel, made when the first adapter is loaded
         self.base_params = {n for n, _ in model.named_parameters()}
         self.specs: dict[str, AdapterSpec] = {}
@@ -117,11 +113,12 @@ class ModelHost:
         from ..targeting import TargetError
 
         head = self._head()
-        if spec.num_labels and isinstance(head, nn.Linear) and head.out_features != spec.num_labels:
-            if not (self.placeholder_head and self.peft is None):
-                raise ServeError(422, f"adapter {spec.name!r} has a {spec.num_labels}-class head; this base model "
-                                      f"serves {head.out_features}-class heads (serve it from another server)")
-            self._resize_head(head, spec.num_labels)
+        resized = spec.num_labels and isinstance(head, nn.Linear) and head.out_features != spec.num_labels
+        if resized:
+            # An adapter's head is a copy of the base head made when the adapter is added; a copy of another
+            # size lets each task keep its own number of classes on one base.
+            self._set_head(nn.Linear(head.in_features, spec.num_labels, bias=head.bias is not None,
+                                     device=head.weight.device, dtype=head.weight.dtype))
         try:
             if self.peft is None:
                 self.peft = self.peft_class.from_pretrained(self.base, spec.path, adapter_name=spec.name)
@@ -130,6 +127,9 @@ class ModelHost:
         except (CheckpointError, ConfigError, TargetError, ValueError, TypeError, FileNotFoundError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ServeError(422, f"adapter {spec.name!r} does not fit the base model: {first}") from None
+        finally:
+            if resized:
+                self._set_head(head)
         self.peft.eval()
         self.loaded[spec.name] = None
         self.loads += 1
@@ -142,9 +142,19 @@ class ModelHost:
         head = getattr(self.base, "classifier", None) or getattr(self.base, "score", None)
         return getattr(head, "original_module", head)  # under a modules_to_save wrapper: the base's own
 
-    def _resize_head(self, head: nn.Linear, num_labels: int) -> None:
-        new = nn.Linear(head.in_features, num_labels, bias=head.bias is not None,
-                        device=head.weight.device, dtype=head.weight.dtype)
-        setattr(self.base, "classifier" if getattr(self.base, "classifier", None) is head else "score", new)
-        self.base.config.num_labels = num_labels
-        self.base_params = {n for n, _ in self.base.named_parameters()}
+    def _set_head(self, module: nn.Module) -> None:
+        """Make ``module`` the base model's own head (inside the modules_to_save wrapper if there is one)."""
+        attr = "classifier" if getattr(self.base, "classifier", None) is not None else "score"
+        current = getattr(self.base, attr)
+        if hasattr(current, "original_module"):
+            current.original_module = module
+        else:
+            setattr(self.base, attr, module)
+
+    def head_size(self, name: Optional[str]) -> int:
+        """Classes of the head that rows of adapter ``name`` run (its own, else the base model's)."""
+        spec = self.specs.get(name) if name is not None else None
+        if spec is not None and spec.num_labels:
+            return spec.num_labels
+        head = self._head()
+        return int(getattr(head, "out_features", 0) or getattr(self.base.config, "num_labels", 0))

@@ -140,12 +140,12 @@ class DeltaServer:
             model_config = transformers.AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
             self.kind = _kind(model_config, config.task)
-            model, untrained = (self._load_lm if self.kind == "causal-lm" else self._load_encoder)(pinned)
+            model = (self._load_lm if self.kind == "causal-lm" else self._load_encoder)(pinned)
         except (OSError, ValueError) as exc:
             raise ServeError(400, f"could not load a model from {self.model_dir!r}: {str(exc).splitlines()[0]}") from None
         model.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
         self.metrics = Metrics()
-        self._build(model, untrained)
+        self._build(model)
         for n, p in pinned:
             self.host.add(read_spec(n, p, self.host.base_params, pinned=True))
         self.ready = False
@@ -153,28 +153,23 @@ class DeltaServer:
     def _load_encoder(self, pinned):
         import transformers
 
-        # The head size comes from the adapters (an encoder such as MiniLM has no head of its own).
-        heads = {read_spec(n, p, set()).num_labels for n, p in pinned} - {0}
-        if len(heads) > 1:
-            raise ServeError(400, f"the command-line adapters' heads differ in size ({sorted(heads)} classes); "
-                                  "serve them from separate servers")
-        model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-            self.model_dir, num_labels=(heads.pop() if heads else 2), ignore_mismatched_sizes=True,
-            dtype=_dtype(self.config.dtype), local_files_only=True, output_loading_info=True)
-        untrained = [k for k in list(info.get("missing_keys", ())) + list(info.get("mismatched_keys", ()))
-                     if str(k if isinstance(k, str) else k[0]).split(".")[0] in ("classifier", "score")]
-        return model, bool(untrained)
+        # A base without a trained head (MiniLM) gets one sized like the first adapter's, so that adapter's
+        # copy needs no resizing; adapters with other sizes get copies of their own size (see ModelHost).
+        heads = [n for n in (read_spec(name, path, set()).num_labels for name, path in pinned) if n]
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            self.model_dir, num_labels=(heads[0] if heads else 2), ignore_mismatched_sizes=True,
+            dtype=_dtype(self.config.dtype), local_files_only=True)
+        return model
 
     def _load_lm(self, pinned):
         import transformers
 
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = transformers.AutoModelForCausalLM.from_pretrained(
+        return transformers.AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=_dtype(self.config.dtype), local_files_only=True)
-        return model, False
 
-    def _build(self, model, untrained_head: bool) -> None:
+    def _build(self, model) -> None:
         from ..tasks import PeftModelForCausalLM, PeftModelForFeatureExtraction
         from .host import ModelHost
 
@@ -191,8 +186,7 @@ class DeltaServer:
         else:
             from .encoder import EncoderEngine
 
-            self.host = ModelHost(model, PeftModelForFeatureExtraction, c.max_loaded_adapters, c.batching,
-                                  placeholder_head=untrained_head)
+            self.host = ModelHost(model, PeftModelForFeatureExtraction, c.max_loaded_adapters, c.batching)
             self.engine = EncoderEngine(self.host, self.tokenizer, self.model_dir, c.max_input_tokens)
             self.embedding_size = model.config.hidden_size
             self.worker = Batcher(self.engine.run, self._prepare, self.host.admits, c.max_batch_size, wait,
