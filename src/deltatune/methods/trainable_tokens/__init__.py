@@ -1,0 +1,56 @@
+"""Trainable tokens: config, layer and pure math, registered as ``PeftType.TRAINABLE_TOKENS``.
+
+Checkpoints hold one tensor per adapted module, ``<module>.trainable_tokens_delta`` (``(k, D)``, the rows
+themselves), a tied output head's under its own name with the embedding's values, as peft writes them.
+
+Two steps need the model, not just a layer: the default target (the input embedding) and wrapping the
+output heads tied to a targeted embedding. They are :func:`~.targets.resolve_config` and
+:func:`~.targets.tied_heads`, handed to the core as the registry's ``prepare_config`` and
+``extra_targets`` hooks where its :class:`~deltatune.registry.Method` has those fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+from ...registry import Method, PeftType, register
+from .config import TrainableTokensConfig
+from .layer import TokenRows, TrainableTokensLayer, wrap_module
+from .targets import input_embedding_name, remember, resolve_config, rows_tied_to, tied_heads
+
+
+def add_token_rows(layer: TrainableTokensLayer, adapter_name: str, token_indices: Sequence[int],
+                   init_weights: bool = True, autocast_adapter_dtype: bool = True, device=None) -> None:
+    """Add adapter ``adapter_name`` to ``layer``: its own rows ``token_indices`` on an embedding, or, on a
+    linear head whose weight is an already adapted embedding's, that embedding's rows (tied).
+
+    This is the entry point for any method that trains token rows (this one; LoRA's
+    ``trainable_token_indices``): call it for the embedding before its tied heads.
+    """
+    tied: Optional[TokenRows] = rows_tied_to(layer, adapter_name)
+    layer.add_adapter(adapter_name, token_indices, init_weights=init_weights,
+                      autocast_adapter_dtype=autocast_adapter_dtype, device=device, tied=tied)
+    if layer._embedding:
+        remember(layer)
+
+
+def _add_adapter(layer: TrainableTokensLayer, module_name: str, adapter_name: str, config: TrainableTokensConfig,
+                 autocast_adapter_dtype: bool = True, device=None) -> None:
+    add_token_rows(layer, adapter_name, config.token_indices, config.init_weights, autocast_adapter_dtype, device)
+
+
+def _is_linear(module) -> bool:
+    return False  # ("all-linear" means nothing here: the targets are embeddings)
+
+
+# Hooks the core calls with the model, where its Method declares them (the registry's dataclass decides).
+_model_hooks = {"prepare_config": resolve_config, "extra_targets": tied_heads}
+_hooks = {k: v for k, v in _model_hooks.items() if k in {f.name for f in dataclasses.fields(Method)}}
+
+register(Method(PeftType.TRAINABLE_TOKENS, TrainableTokensConfig, TrainableTokensLayer, wrap_module, _add_adapter,
+                _is_linear, checkpoint_keys={"trainable_tokens": {"trainable_tokens_delta": "trainable_tokens_delta"}},
+                prefix="trainable_tokens_", **_hooks))
+
+__all__ = ["TrainableTokensConfig", "TrainableTokensLayer", "TokenRows", "add_token_rows", "input_embedding_name",
+           "resolve_config", "tied_heads"]
