@@ -84,13 +84,10 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict] = Non
         adapter_name: Which adapter.
         config: The adapter's config, needed for ``bias`` with a bare model.
     """
-    live = ckpt.adapter_tensors(model, adapter_name, _bias(model, adapter_name, config), peft_layout=True, for_save=True)
-    # (an FSDP-wrapped model: keys as its own state_dict() and a saved adapter name them, without the wrappers)
-    live = ckpt.to_peft_keys(model, {ckpt.without_wrappers(k): v for k, v in live.items()}, adapter_name)
-    if state_dict is None:
+    live = ckpt.saved_tensors(model, adapter_name, _bias(model, adapter_name, config))
+    if state_dict is None:  # (an FSDP2 model: DTensor shards, as its own state_dict() holds them)
         return {k: v.detach() for k, v in live.items()}
-    internal = {id(t): ckpt.without_wrappers(n) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-    return {k: state_dict[internal[id(v)]] for k, v in live.items() if internal.get(id(v)) in state_dict}
+    return ckpt.values_from_state_dict(model, live, state_dict)
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, Tensor],

@@ -3,6 +3,7 @@
 - :mod:`.keys`: the one place where deltatune's tensors get PEFT's key names (and back);
 - :mod:`.load`: load planning, all-or-nothing ``load_into``;
 - :mod:`.files`: adapter folders (atomic writes, safe reads) and the Hub download;
+- :mod:`.sharded`: FSDP2 ``DTensor`` shards gathered for saving and cut for loading;
 - :mod:`.convert`: PiSSA/OLoRA adapters saved as plain LoRA;
 - :mod:`.errors`: :class:`CheckpointError`.
 
@@ -33,8 +34,8 @@ from .files import (
     save_adapter_folder,
     write_model_card,
 )
-from .keys import (ROOT, adapted_module_names, adapter_tensors, from_peft_keys, rename_keys, state_dict_for_save,
-                   to_peft_keys, without_wrappers)
+from .keys import (ROOT, adapted_module_names, adapter_tensors, from_peft_keys, rename_keys, saved_tensors,
+                   state_dict_for_save, to_peft_keys, values_from_state_dict, without_wrappers)
 from .load import LoadResult, load_into, warn_missing
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "save_adapter_folder", "read_adapter_weights", "rename_keys", "resolve_adapter_dir", "atomic_write_bytes",
     "iter_modules", "HUB_KWARGS", "PICKLE_NAME", "ROOT", "SAFETENSORS_NAME", "convert_to_plain_lora",
     "from_peft_keys", "save_adapter", "to_peft_keys", "warn_missing", "write_model_card", "read_adapter", "AdapterFiles", "without_wrappers",
+    "saved_tensors", "values_from_state_dict",
 ]

@@ -13,7 +13,8 @@ from ..config import PeftConfig
 from ..fileio import atomic_write, atomic_write_bytes
 from .convert import convert_to_plain_lora
 from .errors import CheckpointError
-from .keys import rename_keys, state_dict_for_save
+from .keys import rename_keys, saved_tensors, state_dict_for_save
+from .sharded import any_sharded, wait_for_writer, writes_files
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -23,16 +24,29 @@ HUB_KWARGS = {"token", "cache_dir", "force_download", "local_files_only", "proxi
               "user_agent", "max_workers"}
 
 
-def save_adapter(model: nn.Module, adapter_name: str, config, directory: str, initial_dir: Optional[str] = None) -> None:
+def save_adapter(model: nn.Module, adapter_name: str, config, directory: str, initial_dir: Optional[str] = None,
+                 state_dict: Optional[dict[str, Tensor]] = None) -> None:
     """Write one adapter of ``model`` (a PeftModel) and its ``config`` into ``directory``.
 
-    ``initial_dir``: the folder a PiSSA/OLoRA adapter was saved to right after initialisation; the adapter
-    is then written as plain LoRA for the original base weights (:func:`convert_to_plain_lora`).
+    Args:
+        initial_dir: The folder a PiSSA/OLoRA adapter was saved to right after initialisation; the adapter
+            is then written as plain LoRA for the original base weights (:func:`convert_to_plain_lora`).
+        state_dict: Values to save instead of the live tensors, keyed as ``model.state_dict()`` names them
+            (peft's ``save_pretrained(dir, state_dict=...)``; e.g. the full state dict of an FSDP2 model,
+            gathered on rank 0, which then saves alone).
+
+    On a sharded model without ``state_dict`` every rank must call this: the shards are gathered, rank 0
+    writes, and every rank returns once the folder is complete.
     """
-    tensors = state_dict_for_save(model, adapter_name, getattr(config, "bias", "none"))
+    bias = getattr(config, "bias", "none")
+    gathered = state_dict is None and any_sharded(saved_tensors(model, adapter_name, bias).values())
+    tensors = state_dict_for_save(model, adapter_name, bias, state_dict)
     if initial_dir is not None:
         tensors, config = convert_to_plain_lora(tensors, read_adapter_weights(initial_dir), config)
-    save_adapter_folder(directory, tensors, config)
+    if not gathered or writes_files():
+        save_adapter_folder(directory, tensors, config)
+    if gathered:
+        wait_for_writer()
 
 
 def save_adapter_folder(directory: str, tensors: dict[str, Tensor], config) -> None:

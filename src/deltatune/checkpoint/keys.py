@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..adapter_tensors import named_tensors
 from ..registry import adapter_key_suffixes, checkpoint_suffixes
 from .errors import CheckpointError
+from .sharded import full_value
 
 #: The prefix of a PeftModel's keys for modules of the base model.
 ROOT = "base_model.model."
@@ -113,16 +114,43 @@ def rename_keys(weights: dict[str, Tensor], key_mapping: Optional[dict[str, str]
     return out
 
 
-def state_dict_for_save(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
-    """Detached, contiguous CPU copies of :func:`adapter_tensors` under peft's keys (what goes into the file)."""
-    tensors = to_peft_keys(model, adapter_tensors(model, adapter_name, bias, peft_layout=True, for_save=True),
-                           adapter_name)
+def saved_tensors(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
+    """The live tensors that go into one adapter's file, under peft's keys without wrapper names
+    (``DTensor`` shards on a sharded model)."""
+    live = adapter_tensors(model, adapter_name, bias, peft_layout=True, for_save=True)
+    # (an FSDP1-wrapped model: keys as its own state_dict() and a saved adapter name them, without the wrappers)
+    return to_peft_keys(model, {without_wrappers(k): v for k, v in live.items()}, adapter_name)
+
+
+def state_dict_for_save(model: nn.Module, adapter_name: str, bias: str = "none",
+                        state_dict: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
+    """Detached, contiguous CPU copies of :func:`saved_tensors` (what goes into the file).
+
+    ``state_dict``: take the values from it (by ``model.state_dict()`` names, e.g. the full state dict of a
+    sharded model gathered on rank 0) instead of the live tensors; every tensor must be in it. Without it,
+    ``DTensor`` shards are gathered (a collective: every rank must save).
+    """
+    tensors = saved_tensors(model, adapter_name, bias)
+    if state_dict is not None:
+        picked = values_from_state_dict(model, tensors, state_dict)
+        absent = [k for k in tensors if k not in picked]
+        if absent:
+            raise CheckpointError(f"state_dict has no values for {len(absent)} tensor(s) of adapter {adapter_name!r}, "
+                                  f"e.g. {absent[:3]} (pass the model's full state dict); nothing was written")
+        tensors = picked
     empty = [k for k, v in tensors.items() if v.is_meta]
     if empty:
         raise CheckpointError(f"adapter {adapter_name!r} has {len(empty)} tensor(s) without values (created with "
                               f"low_cpu_mem_usage=True and never loaded), e.g. {empty[:3]}")
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    return {k: full_value(v.detach()).to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
-__all__ = ["ROOT", "adapted_module_names", "adapter_tensors", "from_peft_keys", "rename_keys",
-           "state_dict_for_save", "to_peft_keys"]
+def values_from_state_dict(model: nn.Module, tensors: dict[str, Tensor], state_dict: dict) -> dict[str, Tensor]:
+    """The values ``state_dict`` (keyed as ``model.state_dict()`` names them) holds for the live ``tensors``
+    (matched by identity, so any key scheme of ``tensors`` works); tensors it lacks are left out."""
+    internal = {id(t): without_wrappers(n) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    return {k: state_dict[internal[id(v)]] for k, v in tensors.items() if internal.get(id(v)) in state_dict}
+
+
+__all__ = ["ROOT", "adapted_module_names", "adapter_tensors", "from_peft_keys", "rename_keys", "saved_tensors",
+           "state_dict_for_save", "to_peft_keys", "values_from_state_dict"]

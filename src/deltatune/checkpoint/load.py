@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..injection import assign_parameters
 from .errors import CheckpointError
 from .keys import adapter_tensors, without_wrappers
+from .sharded import as_target_layout
 
 
 class LoadResult(NamedTuple):
@@ -66,8 +67,8 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
                               f"that were created empty (low_cpu_mem_usage), e.g. {empty[:3]}; nothing was loaded")
     with torch.no_grad():
         for target, tensor in plan:
-            if not target.is_meta:
-                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+            if not target.is_meta:  # (into a DTensor shard: this rank's part of the full checkpoint tensor)
+                target.copy_(as_target_layout(tensor, target))
     assign_parameters(model, [(t, v) for t, v in plan if t.is_meta])  # copy_ into meta does nothing
     if skipped:
         warnings.warn(f"ignore_mismatched_sizes: {len(skipped)} tensor(s) of another shape were not loaded: "
