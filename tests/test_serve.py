@@ -212,6 +212,7 @@ def test_concurrent_mixed_adapter_requests_are_batched_and_equal(root, expected,
         torch.testing.assert_close(emb, expected[keys[model]][0][i], atol=1e-5, rtol=0)
     sizes = [size for *_, size in results]
     assert max(sizes) > 1, sizes  # rows of concurrent requests for different adapters shared a batch
+    assert f'deltatune_mixed_batches{{kind="forward"}} {1 if server.host.dispatcher.mode == "mixed" else 0}' in metrics
     assert server.host.dispatcher.mode in (("mixed", "grouped") if batching == "auto" else ("grouped",))
     assert "deltatune_batch_rows_count" in metrics
     count = int(next(l.split()[-1] for l in metrics.splitlines() if l.startswith("deltatune_batch_rows_count")))
@@ -377,6 +378,7 @@ def test_metrics_prometheus_text(root):
     assert 'deltatune_requests_total{route="/v1/embeddings",status="404"} 1' in text
     assert 'deltatune_rows_total{model="a1"} 2' in text
     assert 'deltatune_adapter_loaded{adapter="a1"} 1' in text
+    assert "deltatune_adapter_loads_total 1" in text and "deltatune_model_calls_total 1" in text
     for line in text.splitlines():  # every sample line is "name{labels} number"
         if not line.startswith("#"):
             float(line.rsplit(" ", 1)[1])
@@ -489,3 +491,10 @@ def test_tasks_with_different_numbers_of_classes_share_the_base(root, expected):
         assert [d["num_classes"] for d in got[1][1].json()["data"]] == [3] * len(TEXTS)
         assert [d["label"] for d in got[1][1].json()["data"]] == [f"LABEL_{int(p.argmax())}" for p in want3]
         check_all(client, expected, TEXTS[:2])  # the 5-class adapters and the base are unchanged
+
+
+def test_health_is_503_when_the_worker_is_gone(root):
+    with running(ServeConfig()) as (url, server):
+        assert httpx.get(f"{url}/health").status_code == 200
+        server.worker.stop()
+        assert httpx.get(f"{url}/health").status_code == 503

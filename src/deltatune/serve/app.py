@@ -122,7 +122,7 @@ def build_app(server: DeltaServer) -> FastAPI:
     @app.get("/health")
     async def health():
         """200 when the model is loaded and the worker runs (no API key needed)."""
-        if not server.ready:
+        if not server.ready or not server.worker.alive():
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok"}
 
@@ -131,7 +131,9 @@ def build_app(server: DeltaServer) -> FastAPI:
         """Counters, latency and batch-size histograms, adapters loaded/waiting/running (Prometheus text)."""
         waiting = {k or server.name: v for k, v in server.worker.waiting().items()}
         running = {k or server.name: v for k, v in getattr(server.worker, "running", dict)().items()}
-        return server.metrics.render(server.host.loaded, server.host.specs, waiting, running)
+        d = server.host.dispatcher
+        return server.metrics.render(server.host.loaded, server.host.specs, waiting, running, server.host.loads,
+                                     d.model_calls, dict(d.modes))
 
     @app.get("/v1/models", dependencies=guarded)
     async def models():

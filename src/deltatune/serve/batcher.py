@@ -82,6 +82,10 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="deltatune-serve-worker", daemon=True)
         self._thread.start()
 
+    def alive(self) -> bool:
+        """Whether the worker thread runs (``/health`` reports 503 otherwise)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: Optional[float] = None) -> None:
         """Finish what is queued, then end the worker thread."""
         with self._cond:

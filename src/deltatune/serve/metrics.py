@@ -66,8 +66,11 @@ class Metrics:
             self.input_tokens += input_tokens
             self.output_tokens += output_tokens
 
-    def render(self, loaded: Iterable[str], known: Iterable[str], waiting: dict, running: dict) -> str:
-        """The text exposition; ``loaded``/``known``/``waiting``/``running`` are read from the server now."""
+    def render(self, loaded: Iterable[str], known: Iterable[str], waiting: dict, running: dict,
+               loads: int = 0, model_calls: int = 0, modes: Optional[dict] = None) -> str:
+        """The text exposition; the arguments are read from the server now (adapters on the device and
+        known, rows waiting and running per model, adapter loads from disk, model calls, batching mode per
+        kind of call)."""
         loaded = set(loaded)
         with self._lock:
             out = ["# HELP deltatune_requests_total HTTP requests by route and status.",
@@ -96,4 +99,12 @@ class Metrics:
         for kind, counts in (("waiting", waiting), ("running", running)):
             out += [f"# HELP deltatune_{kind}_rows Rows {kind} per model.", f"# TYPE deltatune_{kind}_rows gauge"]
             out += [f'deltatune_{kind}_rows{{model="{_label(m)}"}} {n}' for m, n in sorted(counts.items())]
+        out += ["# HELP deltatune_adapter_loads_total Adapter loads from disk (first loads and reloads after eviction).",
+                "# TYPE deltatune_adapter_loads_total counter", f"deltatune_adapter_loads_total {loads}",
+                "# HELP deltatune_model_calls_total Model forward calls (a grouped batch of k adapters makes k).",
+                "# TYPE deltatune_model_calls_total counter", f"deltatune_model_calls_total {model_calls}",
+                "# HELP deltatune_mixed_batches Whether batches of many adapters run as one call (1), per adapter "
+                "(0), or are not probed yet (-1), per kind of call.", "# TYPE deltatune_mixed_batches gauge"]
+        values = {"mixed": 1, "grouped": 0, "auto": -1}
+        out += [f'deltatune_mixed_batches{{kind="{_label(k)}"}} {values.get(m, -1)}' for k, m in sorted((modes or {}).items())]
         return "\n".join(out) + "\n"

@@ -49,6 +49,10 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="deltatune-serve-generate", daemon=True)
         self._thread.start()
 
+    def alive(self) -> bool:
+        """Whether the worker thread runs (``/health`` reports 503 otherwise)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: Optional[float] = None) -> None:
         """Finish the running and waiting sequences, then end the worker thread."""
         with self._cond:
