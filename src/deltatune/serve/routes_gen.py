@@ -110,6 +110,9 @@ def add_generation_routes(app, server, guarded, batch_header: str) -> None:
         """Answer a chat through the tokenizer's chat template; ``stream`` sends server-sent events."""
         adapter = _ready(body.model)
         prompt = server.engine.encode_chat([m.model_dump() for m in body.messages])
-        params = _params(body, server, body.max_completion_tokens or body.max_tokens)
+        limit = body.max_completion_tokens or body.max_tokens
+        if limit is None:  # as OpenAI's chat: up to the context (and the server's cap), not completions' 16
+            limit = max(1, min(server.engine.max_tokens_limit, server.engine.context - len(prompt)))
+        params = _params(body, server, limit)
         server.engine.check_params(params, len(prompt))
         return await _run(body, adapter, [prompt], params, chat=True)
