@@ -232,3 +232,221 @@ def test_oft_adjusts_sizes_that_do_not_divide_the_layer_as_peft_does():
         sorted(shapes(peft.get_peft_model_state_dict(pm)).values())
     assert list(shapes(dt.get_peft_model_state_dict(dm2)).values()) == \
         list(shapes(peft.get_peft_model_state_dict(pm2)).values())
+
+
+# ------------------------------------------------------------------------------------------ merging
+MERGE_CASES = [c for c in CASES if c[0] in ("oft-block8", "oft-r4-exact", "oft-coft", "oft-conv1x1", "vera-llama",
+                                             "vera-gpt2-conv1d")]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES, ids=[c[0] for c in MERGE_CASES])
+def test_merge_equals_unmerged_matches_peft_and_unmerge_restores(case):
+    _, method, build, make_inputs, kwargs = case
+    dt_cfg, peft_cfg = LIBS[method]
+    inputs = make_inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(build(), peft_cfg(**kwargs))
+    perturb_trainable(pm, 1, 0.2)
+    pm.eval()
+    dm = dt.get_peft_model(build(), dt_cfg(**kwargs))
+    dt.set_peft_model_state_dict(dm, peft.get_peft_model_state_dict(pm))
+    dm.eval()
+    unmerged = _out(dm, inputs)
+    before = {k: v.clone() for k, v in dm.state_dict().items()}
+    dm.merge_adapter(safe_merge=True)
+    torch.testing.assert_close(_out(dm, inputs), unmerged, rtol=0, atol=1e-5)
+    dm.unmerge_adapter()
+    for k, v in dm.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=1e-5, msg=k)
+    torch.testing.assert_close(_out(dm, inputs), unmerged, rtol=0, atol=1e-5)
+    merged_p = copy.deepcopy(pm).merge_and_unload().state_dict()
+    merged_d = copy.deepcopy(dm).merge_and_unload().state_dict()
+    assert sorted(merged_p) == sorted(merged_d)
+    for k in merged_p:
+        torch.testing.assert_close(merged_d[k], merged_p[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_a_failed_safe_merge_leaves_the_weights_unchanged():
+    for config in (OFTConfig(oft_block_size=8, target_modules=["q_proj"]),
+                   VeraConfig(r=4, target_modules=["q_proj"], save_projection=False)):
+        model = dt.get_peft_model(tiny_llama(), config)
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if p.requires_grad).fill_(float("nan"))
+        before = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" in k}
+        with pytest.raises(ValueError, match="NaN"):
+            model.merge_adapter(safe_merge=True)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+# ------------------------------------------------------------------------------------------ several adapters
+@pytest.mark.parametrize("method", ["oft", "vera"])
+def test_two_active_adapters_match_peft_and_merge_to_the_same_outputs(method):
+    dt_cfg, peft_cfg = LIBS[method]
+    if method == "oft":  # rotations do not commute: the order (first active first, as peft) matters
+        first, second = dict(oft_block_size=8, target_modules=LLAMA), dict(r=2, oft_block_size=0,
+                                                                           target_modules=["q_proj", "up_proj"])
+    else:  # peft's later VeRA adapters reuse the first one's projections: same r, key and largest sizes
+        first = dict(r=4, target_modules=LLAMA, save_projection=False)
+        second = dict(r=4, target_modules=["q_proj", "down_proj"], save_projection=False, d_initial=0.3)
+    inputs = text_inputs()
+    dm = dt.get_peft_model(tiny_llama(), dt_cfg(**first))
+    dm.add_adapter("b", dt_cfg(**second))
+    dm.set_adapter(["default", "b"])
+    perturb_trainable(dm, 2, 0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_llama(), peft_cfg(**first))
+        pm.add_adapter("b", peft_cfg(**second))
+    for name in ("default", "b"):
+        peft.set_peft_model_state_dict(pm, dt.get_peft_model_state_dict(dm, adapter_name=name), adapter_name=name)
+    pm.base_model.set_adapter(["default", "b"])
+    both = _out(dm, inputs)
+    torch.testing.assert_close(both, _out(pm.eval(), inputs), rtol=0, atol=1e-5)
+    dm.set_adapter("b")
+    only_b = _out(dm, inputs)
+    dm.set_adapter(["default", "b"])
+    assert (both - only_b).abs().max() > 1e-3
+    dm.merge_adapter()
+    torch.testing.assert_close(_out(dm, inputs), both, rtol=0, atol=1e-5)
+    dm.unmerge_adapter()
+    dm.delete_adapter("default")
+    torch.testing.assert_close(_out(dm, inputs), only_b, rtol=0, atol=1e-5)
+
+
+def test_vera_adapters_of_one_model_must_share_the_prng_key_and_the_model_is_unchanged():
+    model = dt.get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=LLAMA, save_projection=False))
+    layers_before = dict(model.named_modules())
+    with pytest.raises(ValueError, match="share projection_prng_key"):
+        model.add_adapter("b", VeraConfig(r=4, target_modules=["q_proj"], projection_prng_key=1,
+                                          save_projection=False))
+    assert dict(model.named_modules()).keys() == layers_before.keys() and list(model.peft_config) == ["default"]
+
+
+def test_vera_projections_are_shared_sized_from_all_targets_and_drawn_once():
+    model = dt.get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=LLAMA, save_projection=False))
+    layers = [m for n, m in model.named_modules() if n.endswith(tuple(LLAMA))]
+    shared = {id(m.adapters["default"].projections) for m in layers}
+    assert len(layers) == 6 and len(shared) == 1
+    proj = layers[0].adapters["default"].projections
+    assert not proj.drawn
+    _out(model, text_inputs())
+    # largest in: down_proj's 64; largest out: q_proj's and down_proj's 32 (v_proj: 16)
+    assert proj.vera_A.shape == (4, 64) and proj.vera_B.shape == (32, 4)
+    # the same config object on a second model gets projections of its own
+    config = VeraConfig(r=4, target_modules=["q_proj"], save_projection=False)
+    m1, m2 = dt.get_peft_model(tiny_llama(), config), dt.get_peft_model(tiny_llama(), config)
+    p1, p2 = (m.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"].projections for m in (m1, m2))
+    assert p1 is not p2 and len(p1.sizes) == len(p2.sizes) == 2
+
+
+def test_vera_with_save_projection_is_refused_clearly_before_anything_changes(tmp_path):
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match="save_projection=True is not supported yet"):
+        dt.get_peft_model(base, VeraConfig(r=4, target_modules=LLAMA))
+    pm = peft.get_peft_model(tiny_llama(), peft.VeraConfig(r=4, target_modules=LLAMA))  # peft's default: True
+    pm.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="save_projection=False"):
+        dt.PeftModel.from_pretrained(base, str(tmp_path))
+    assert not any("adapters" in n for n, _ in base.named_modules())
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in before.items())
+
+
+# ------------------------------------------------------------------------------------------ mixed batches
+def test_vera_mixed_adapter_batches_equal_each_row_alone():
+    model = dt.get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=LLAMA, save_projection=False), "a")
+    model.add_adapter("b", VeraConfig(r=8, target_modules=["q_proj", "up_proj"], save_projection=False))
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        perturb_trainable(model, 3 if name == "a" else 4, 0.3)
+    model.eval()
+    ids = text_inputs(batch=4)["input_ids"]
+    names = ["a", "__base__", "b", "a"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        rows = []
+        for i, n in enumerate(names):
+            if n == "__base__":
+                with model.disable_adapter():
+                    rows.append(model(input_ids=ids[i:i + 1]).logits)
+            else:
+                model.set_adapter(n)
+                rows.append(model(input_ids=ids[i:i + 1]).logits)
+    torch.testing.assert_close(mixed, torch.cat(rows), rtol=0, atol=1e-5)
+    assert (rows[0] - rows[1]).abs().max() > 1e-3 and (rows[2] - rows[1]).abs().max() > 1e-3
+
+
+def test_oft_mixed_adapter_batches_are_refused_with_nothing_changed():
+    model = dt.get_peft_model(tiny_llama(), OFTConfig(oft_block_size=8, target_modules=LLAMA))
+    perturb_trainable(model, 5, 0.2)
+    inputs = text_inputs()
+    want = _out(model, inputs)
+    with pytest.raises(ValueError, match=r"'default' \(OFT\) cannot run in a mixed-adapter batch"):
+        model(**inputs, adapter_names=["default", "__base__"])
+    torch.testing.assert_close(_out(model, inputs), want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ training
+@pytest.mark.parametrize("method", ["oft", "vera"])
+def test_training_changes_only_the_adapter_tensors(method):
+    config = OFTConfig(oft_block_size=8, target_modules=LLAMA) if method == "oft" else \
+        VeraConfig(r=8, target_modules=LLAMA, save_projection=False)
+    model = dt.get_peft_model(tiny_llama(), config)
+    roles = {"oft": {"oft_R"}, "vera": {"vera_lambda_b", "vera_lambda_d"}}[method]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.rsplit(".", 1)[-1] for n in trainable} == roles
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses, grads = train_lm_steps(model, 6, lr=0.02)
+    assert grads == trainable and losses[-1] < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+
+
+def test_oft_module_dropout_acts_in_training_only():
+    model = dt.get_peft_model(tiny_llama(), OFTConfig(oft_block_size=4, module_dropout=0.5, target_modules=LLAMA))
+    perturb_trainable(model, 6, 0.3)
+    inputs = text_inputs()
+    model.eval()
+    a, b = _out(model, inputs), _out(model, inputs)
+    assert torch.equal(a, b)
+    model.train()
+    torch.manual_seed(0)
+    c = _out(model, inputs)
+    assert (c - a).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------ configs
+def test_bad_configs_and_modules_are_refused_by_name():
+    with pytest.raises(dt.ConfigError, match="exactly one of r"):
+        OFTConfig(r=4, oft_block_size=8)
+    with pytest.raises(dt.ConfigError, match="exactly one of r"):
+        OFTConfig(r=0, oft_block_size=0)
+    with pytest.raises(dt.ConfigError, match="oft_only"):
+        OFTConfig(bias="oft_only")
+    with pytest.raises(dt.ConfigError, match="vera_only"):
+        VeraConfig(bias="vera_only")
+    with pytest.raises(dt.ConfigError, match="r must be"):
+        VeraConfig(r=0)
+    with pytest.raises(dt.ConfigError, match="written by peft < 0.14"):
+        dt.PeftConfig.from_dict({"peft_type": "OFT", "r": 8, "target_modules": ["q"]})
+    with pytest.raises(TypeError, match="cannot adapt module 'transformer.h.0.attn.c_attn'.*OFT"):
+        dt.get_peft_model(tiny_gpt2_cls(), OFTConfig(target_modules=["c_attn"], oft_block_size=8))
+    with pytest.raises(TypeError, match="dilation"):
+        dt.get_peft_model(nn.Sequential(nn.Conv2d(2, 2, 3, dilation=2)), OFTConfig(target_modules=["0"]))
+    with pytest.raises(TypeError, match="cannot adapt module '0'.*VeRA"):
+        dt.get_peft_model(nn.Sequential(nn.Embedding(4, 4)), VeraConfig(target_modules=["0"], save_projection=False))
+    config = OFTConfig(oft_block_size=8, target_modules=["q_proj"], coft=True)
+    original = config.to_dict()
+    dt.get_peft_model(tiny_llama(), config)
+    assert config.to_dict() == original  # configs are not mutated
+
+
+def test_layer_status_reports_the_adapters():
+    oft = dt.get_peft_model(tiny_llama(), OFTConfig(oft_block_size=8, target_modules=["q_proj"]))
+    vera = dt.get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=["v_proj"], save_projection=False), "v")
+    vera.merge_adapter()
+    q = {s.name: s for s in oft.get_layer_status()}["model.model.layers.0.self_attn.q_proj"]
+    v = {s.name: s for s in vera.get_layer_status()}["model.model.layers.1.self_attn.v_proj"]
+    assert (q.module_type, q.available_adapters, q.requires_grad) == ("OFTLayer", ["default"], {"default": True})
+    assert (v.module_type, v.merged_adapters, v.active_adapters) == ("VeraLayer", ["v"], ["v"])
