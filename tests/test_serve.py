@@ -260,6 +260,7 @@ def test_runtime_load_unload_while_others_keep_getting_answers(root, expected):
     ("{outside}", 403, "outside the adapter root"),  # an absolute path elsewhere
     ("run1/../../outside", 403, "outside the adapter root"),
     ("missing", 404, "does not exist"),
+    ("../does-not-exist", 403, "outside the adapter root"),  # outside: 403 whether it exists or not
     ("corrupt", 422, "cannot be read"),
     ("other_base", 422, "does not fit the base model"),
     ("bias", 422, "base biases"),

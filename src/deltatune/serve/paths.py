@@ -60,14 +60,15 @@ def confine(root: Optional[str], given: object) -> str:
     real_root = Path(root).resolve(strict=True)
     candidate = Path(os.path.expanduser(given)) if os.path.isabs(os.path.expanduser(given)) else real_root / given
     try:
-        real = candidate.resolve(strict=True)
-    except (FileNotFoundError, NotADirectoryError):
-        raise ServeError(404, f"adapter folder {given!r} does not exist under the adapter root",
-                         param="lora_path") from None
+        real = candidate.resolve()  # links that exist are followed; a missing tail is kept as written
     except (OSError, RuntimeError) as exc:  # a link loop, a name too long
         raise ServeError(400, f"adapter path {given!r} cannot be resolved: {exc}", param="lora_path") from None
+    # Containment first: a path outside the root gets a 403 whether or not it exists, so clients
+    # cannot probe which folders exist elsewhere on the machine.
     if not _inside(real, real_root):
         raise ServeError(403, f"adapter path {given!r} is outside the adapter root", param="lora_path")
+    if not real.exists():
+        raise ServeError(404, f"adapter folder {given!r} does not exist under the adapter root", param="lora_path")
     if not real.is_dir():
         raise ServeError(400, f"adapter path {given!r} is not a folder", param="lora_path")
     real = Path(adapter_folder(str(real))).resolve()

@@ -242,7 +242,13 @@ class DeltaServer:
             raise ServeError(409, f"an adapter named {name!r} is already loaded; unload it first", param="lora_name")
         real = confine(self.config.adapter_root, path)
         spec = await asyncio.to_thread(read_spec, name, real, self.host.base_params, False, self.config.adapter_root)
-        await asyncio.wrap_future(self.worker.control(lambda: self.host.add(spec)))
+
+        def add():  # checked again just before loading: a link swapped in meanwhile still cannot lead out
+            if confine(self.config.adapter_root, real) != real:
+                raise ServeError(409, f"adapter folder {path!r} changed while it was being loaded; try again")
+            self.host.add(spec)
+
+        await asyncio.wrap_future(self.worker.control(add))
         log.info("loaded adapter %s from %s", name, real)
         return spec
 
