@@ -184,11 +184,19 @@ def test_chat_completions_use_the_template(lm):
         assert streamed == want
 
 
-def test_sampling_with_a_seed_repeats(lm):
+def test_sampling_with_a_seed_repeats_and_n_choices(lm, expected):
     with running(config(lm)) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
         texts = [complete(client, "one", PROMPTS[0], temperature=1.0, top_p=0.9, seed=7).json()["choices"][0]["text"]
                  for _ in range(2)]
         assert texts[0] == texts[1]
+        # n=3 seeded choices: the first is the one seed 7 gives, the others differ (seeds 8, 9).
+        body = complete(client, "one", PROMPTS[0], temperature=1.0, top_p=0.9, seed=7, n=3).json()
+        assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+        assert body["choices"][0]["text"] == texts[0] and len({c["text"] for c in body["choices"]}) > 1
+        # greedy n=2 over two prompts: choice i * n + j, each equal to offline
+        body = complete(client, "two", PROMPTS[:2], n=2).json()
+        assert [c["text"] for c in body["choices"]] == [t for t, _ in expected["two"][:2] for _ in range(2)]
+        assert body["usage"]["prompt_tokens"] == sum(len(lm[2](p)["input_ids"]) for p in PROMPTS[:2])
 
 
 def test_generation_bad_requests_and_runtime_adapters(lm, expected):
@@ -200,7 +208,7 @@ def test_generation_bad_requests_and_runtime_adapters(lm, expected):
         assert status(model="nope", prompt="x")[0] == 404
         assert status(model="one", prompt="x", max_tokens=65)[0] == 400
         assert status(model="one", prompt="x", max_tokens=0)[0] == 400
-        assert status(model="one", prompt="x", n=2)[0] == 400
+        assert status(model="one", prompt="x", n=17)[0] == 400
         assert status(model="one", prompt="x", temperature=5)[0] == 400
         assert status(model="one", prompt="x", logprobs=2)[0] == 400
         assert status(model="one", prompt="x", stop=["a", "b", "c", "d", "e"])[0] == 400

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -37,7 +38,10 @@ def add_generation_routes(app, server, guarded, batch_header: str) -> None:
     async def _run(body, adapter, prompts, params, chat: bool):
         created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         obj = "chat.completion" if chat else "text_completion"
-        prompt_tokens = sum(len(p) for p in prompts)
+        prompt_tokens = sum(len(p) for p in prompts)  # counted once per prompt, whatever n is
+        # n choices per prompt: choice i * n + j is prompt i's j-th; seeded ones draw with seed + j.
+        per = [replace(params, seed=None if params.seed is None else params.seed + j) for j in range(body.n)]
+        prompts, params = [p for p in prompts for _ in per], [q for _ in prompts for q in per]
         events = server.generate(adapter, prompts, params)
 
         def usage(outs):

@@ -56,7 +56,7 @@ class _Sampling(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = Field(None, description="up to 4 strings that end the text")
-    n: int = Field(1, ge=1, le=1, description="one choice per prompt (n > 1 is not served)")
+    n: int = Field(1, ge=1, le=16, description="choices per prompt")
     stream: bool = False
     user: Optional[str] = None
 

@@ -259,8 +259,8 @@ class DeltaServer:
         log.info("unloaded adapter %s", name)
 
     async def generate(self, adapter: Optional[str], prompts: list, params):
-        """Queue one sequence per prompt; yields ``(sequence, text delta, finished)`` as steps produce
-        them. Leaving early (a client gone, a timeout) cancels the sequences still running."""
+        """Queue one sequence per prompt (``params``: one for all, or one per prompt); yields
+        ``(sequence, text delta, finished)`` as steps produce them. Leaving early (a client gone, a timeout) cancels the sequences still running."""
         from .generation import GenSequence
 
         loop = asyncio.get_running_loop()
@@ -269,7 +269,8 @@ class DeltaServer:
         def emit(seq, delta, done):  # worker thread -> this request's event loop
             loop.call_soon_threadsafe(queue.put_nowait, (seq, delta, done))
 
-        seqs = [GenSequence(adapter, p, params, emit) for p in prompts]
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [GenSequence(adapter, p, q, emit) for p, q in zip(prompts, params)]
         for i, seq in enumerate(seqs):
             seq.index = i
         self.worker.submit(seqs)
