@@ -42,8 +42,8 @@ def test_unknown_keys_warn_and_unsupported_features_fail():
         dt.PeftConfig.from_dict({**data, "brand_new_option": 3})
     with pytest.raises(dt.ConfigError, match="use_qalora"):
         dt.PeftConfig.from_dict({**data, "use_qalora": True})
-    with pytest.raises(dt.ConfigError, match="lora_bias"):
-        dt.PeftConfig.from_dict({**data, "lora_bias": True})
+    with pytest.raises(dt.ConfigError, match="lora_bias"):  # supported, but not with DoRA (as in peft)
+        dt.PeftConfig.from_dict({**data, "lora_bias": True, "use_dora": True})
     assert dt.PeftConfig.from_dict({**data, "use_dora": True}).use_dora
     with pytest.raises(ValueError, match="peft_type"):
         dt.PeftConfig.from_dict({**data, "peft_type": "NOT_A_METHOD"})

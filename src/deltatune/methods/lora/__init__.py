@@ -18,13 +18,15 @@ def _add_adapter(layer: LoraLayer, module_name: str, adapter_name: str, config: 
         autocast_adapter_dtype=autocast_adapter_dtype,
         use_dora=config.use_dora,
         device=device,
+        lora_bias=config.lora_bias,
     )
     layer.adapters[adapter_name].use_rslora = config.use_rslora
 
 
 #: HF key suffix of each tensor role, per layer ``checkpoint_kind`` (embeddings have their own names).
 CHECKPOINT_KEYS = {
-    "lora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"},
+    "lora": {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_B_bias": "lora_B.bias",
+             "lora_magnitude_vector": "lora_magnitude_vector"},
     "lora_embedding": {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B",
                        "lora_magnitude_vector": "lora_magnitude_vector"},
 }

@@ -50,7 +50,8 @@ class LoraConfig(PeftConfig):
             LoRA direction update; Linear and Conv1D layers.
         layer_replication: ``[[start, end), ...]`` ranges of layers to stack, e.g. ``[[0, 4], [2, 5]]``
             gives layers 0,1,2,3,2,3,4; repeated layers share base weights and get their own adapters.
-        lora_bias: peft's trainable bias on ``lora_B``; not available in this version of deltatune.
+        lora_bias: A trainable bias on ``lora_B`` (zero at init): ``y = W x + b + s (B A x + b_B)``; merging
+            adds ``s b_B`` to the base bias (layers without one cannot merge it). Not with DoRA or embeddings.
     """
 
     r: int = 8
@@ -130,8 +131,11 @@ class LoraConfig(PeftConfig):
                     f"base weight, but layer_replication={self.layer_replication!r} makes positions share the "
                     f"weights of layers {repeated}: the second position would be initialised from the first one's "
                     "residual. Use another init_lora_weights with layer_replication.")
-        if self.lora_bias:
-            raise ConfigError("lora_bias=True is not supported by this version of deltatune")
+        if self.lora_bias and self.use_dora:
+            raise ConfigError("lora_bias=True cannot be combined with use_dora=True (as in peft)")
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            raise ConfigError(f"lora_bias=True needs init_lora_weights=True or False (as in peft), "
+                              f"got {self.init_lora_weights!r}")
 
     # ------------------------------------------------------------------ per-module hyper-parameters
     def rank_for(self, module_name: str) -> int:

@@ -15,6 +15,7 @@ class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding``: ``y = E[ids] + s * (A^T[ids]) B^T``; ``ids: (...)`` -> ``(..., dim)``."""
 
     checkpoint_kind = "lora_embedding"
+    _takes_lora_bias = False
     _weight_out_dim = 1  # DoRA normalises each embedding dimension over the vocabulary
 
     def __init__(self, base_layer: nn.Module):

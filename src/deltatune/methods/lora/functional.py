@@ -310,7 +310,8 @@ def dora_combine(out: Tensor, delta: Tensor, scale: Tensor, bias: Tensor | None,
     return _DoraCombine.apply(out, delta, scale, bias, ch % out.dim())
 
 
-def _along(v: Tensor, like: Tensor, dim: int) -> Tensor:
+def along(v: Tensor, like: Tensor, dim: int) -> Tensor:
+    """``v`` (one value per channel) shaped to broadcast along dimension ``dim`` of ``like``."""
     shape = [1] * like.dim()
     shape[dim] = -1
     return v.view(shape)
@@ -319,14 +320,14 @@ def _along(v: Tensor, like: Tensor, dim: int) -> Tensor:
 def dora_merged_weight(W: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor, out_dim: int = 0) -> Tensor:
     """``(m / ||W + dW||) * (W + dW)`` per output channel (dimension ``out_dim`` of ``W``), float32 or wider."""
     compute = torch.promote_types(W.dtype, torch.float32)
-    scale = _along(magnitude.to(compute) / norm.to(compute), W, out_dim)
+    scale = along(magnitude.to(compute) / norm.to(compute), W, out_dim)
     return (W.to(compute) + delta.to(compute)) * scale
 
 
 def dora_unmerged_weight(merged: Tensor, delta: Tensor, magnitude: Tensor, norm: Tensor, out_dim: int = 0) -> Tensor:
     """Inverse of :func:`dora_merged_weight` given the ``norm`` used when merging."""
     compute = torch.promote_types(merged.dtype, torch.float32)
-    scale = _along(norm.to(compute) / magnitude.to(compute), merged, out_dim)
+    scale = along(norm.to(compute) / magnitude.to(compute), merged, out_dim)
     return merged.to(compute) * scale - delta.to(compute)
 
 

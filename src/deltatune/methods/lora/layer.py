@@ -34,6 +34,7 @@ class LoraAdapter(nn.Module):
         lora_A: ``(r, in, *kernel)`` (embeddings: ``(r, num_embeddings)``).
         lora_B: ``(out, r, *ones)`` (embeddings: ``(dim, r)``).
         lora_magnitude_vector: DoRA's ``m``, one per output channel (None for plain LoRA).
+        lora_B_bias: ``b_B`` of ``lora_bias=True``, one per output channel (None otherwise).
         r: The rank of ``lora_A`` / ``lora_B`` as stored (after :meth:`pad_rank`, the padded rank).
         scaling: ``s``, a Python float; a 0-d float tensor once :meth:`use_tensor_scaling` was called (a
             model prepared for compiled hot-swapping), so that a new value reaches a compiled graph
@@ -56,6 +57,7 @@ class LoraAdapter(nn.Module):
         self.variant = variant
         self.use_rslora = False
         self.register_parameter("lora_magnitude_vector", None)
+        self.register_parameter("lora_B_bias", None)  # (lora_bias=True: see variants.BiasedLoraVariant)
         self.merge_norm: Optional[Tensor] = None
         self.wrote_residual = False
 
@@ -140,6 +142,8 @@ class LoraLayer(nn.Module):
     #: Output channel dimension (of the forward output, and of the base weight) for DoRA.
     _channel_dim = -1
     _weight_out_dim = 0
+    #: Whether ``lora_bias=True`` (a bias on ``B``) is available for this layer type.
+    _takes_lora_bias = True
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -223,7 +227,8 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ adapter bookkeeping
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float = 0.0, init=True,
-                    autocast_adapter_dtype: bool = True, use_dora: bool = False, device=None) -> None:
+                    autocast_adapter_dtype: bool = True, use_dora: bool = False, device=None,
+                    lora_bias: bool = False) -> None:
         """Create adapter ``name`` on the base weight's device (and dtype; float32 for half bases).
 
         ``device="meta"`` creates it empty, to be loaded by assignment (``low_cpu_mem_usage``); a
@@ -241,7 +246,9 @@ class LoraLayer(nn.Module):
         if device is None or from_base:
             device = weight.device
         a_shape, b_shape = self._shapes(r)
-        variant = variant_for(use_dora)
+        variant = variant_for(use_dora, lora_bias)
+        if lora_bias and not self._takes_lora_bias:
+            raise TypeError(f"lora_bias=True is not available for {type(self.base_layer).__name__} layers (as in peft)")
         adapter = LoraAdapter(a_shape, b_shape, scaling, dropout, variant, device=device,
                               dtype=adapter_dtype(weight, autocast_adapter_dtype))
         if adapter.lora_A.is_meta:  # no values to compute from: everything is loaded like A and B
@@ -273,18 +280,24 @@ class LoraLayer(nn.Module):
         variant merges it. Computed in float32 and cast once; with ``safe=True`` a non-finite result
         raises before anything of that adapter is written."""
         self.cache.clear()
-        adapter_state.merge_adapters(self, names, safe, self._merged_weight)
+        adapter_state.merge_adapters(self, names, safe, self._merged_weight, self._merged_bias)
 
     def unmerge(self) -> None:
         """Undo every merged adapter, last merged first."""
         self.cache.clear()
-        adapter_state.unmerge_adapters(self, self._unmerged_weight)
+        adapter_state.unmerge_adapters(self, self._unmerged_weight, self._unmerged_bias)
 
     def _merged_weight(self, name: str, weight: Tensor) -> Tensor:
         return self.adapters[name].variant.merged_weight(self, name, weight)
 
     def _unmerged_weight(self, name: str, weight: Tensor) -> Tensor:
         return self.adapters[name].variant.unmerged_weight(self, name, weight)
+
+    def _merged_bias(self, name: str, bias: Tensor) -> Tensor:
+        return self.adapters[name].variant.merged_bias(self, name, bias)
+
+    def _unmerged_bias(self, name: str, bias: Tensor) -> Tensor:
+        return self.adapters[name].variant.unmerged_bias(self, name, bias)
 
     def _read_weight(self) -> Tensor:
         """The base weight in its stored layout; dequantized (float32) for 4/8-bit bases."""

@@ -122,6 +122,8 @@ class LoraLinear(LoraLayer):
         """The training route: the first adapter and the base in one autograd node (see LF.lora_linear), on
         a 2-D view of ``x`` (in place on a view would make autograd copy the output gradient: CopySlices)."""
         ad = run[0]
+        if not ad.variant.fuses:
+            return self._apply_run(x, F.linear(x, weight, bias), run)
         dtype = _autocast_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

@@ -48,6 +48,8 @@ class Stack:
         up: The concatenated up factors, ``s_u c_u B_u``, in the layer's layout (linear: ``(sum r, out)``).
         scale: ``(U + 1, out)``: ``c_u`` per slot, ones for slot 0 and LoRA; None when no adapter rescales.
         shift: ``(U + 1, out)``: ``b (1 - c_u)``; None without a rescaling adapter or without a bias.
+        add: ``(U + 1, out)``: what an adapter adds per output channel (``s b_B`` of ``lora_bias``), zeros
+            for the others; None when none does.
         padded: Linear layers' per-slot factors for the gathered route, ``((U + 1, in, R), (U + 1, R, out))``
             with ``R = max r``, zero-padded; built when that route first runs.
     """
@@ -58,6 +60,7 @@ class Stack:
     up: Tensor
     scale: Optional[Tensor]
     shift: Optional[Tensor]
+    add: Optional[Tensor] = None
     padded: Optional[tuple[Tensor, Tensor]] = None
 
 
@@ -79,7 +82,12 @@ def _build(layer, names: tuple[str, ...], dtype: torch.dtype) -> Stack:
             shift = bias.to(scale.dtype) * (1 - scale)
             shift = shift.to(dtype)
         scale = scale.to(dtype)
-    return Stack(names, tuple(ad.r for ad in ads), down.to(dtype), up.to(dtype), scale, shift)
+    adds = [ad.variant.out_shift(layer, ad) for ad in ads]
+    add = None
+    if any(a is not None for a in adds):
+        zero = ads[0].lora_B.new_zeros(ads[0].lora_B.shape[0])
+        add = torch.stack([zero] + [zero if a is None else a for a in adds]).to(dtype)
+    return Stack(names, tuple(ad.r for ad in ads), down.to(dtype), up.to(dtype), scale, shift, add)
 
 
 def _as_column(v: Tensor, B: Tensor) -> Tensor:
@@ -97,6 +105,8 @@ def _stack(layer, names: tuple[str, ...], dtype: torch.dtype) -> Stack:
     for ad in ads:
         p = ad._parameters
         tensors += (p["lora_A"], p["lora_B"])
+        if p["lora_B_bias"] is not None:
+            tensors.append(p["lora_B_bias"])
         m = p["lora_magnitude_vector"]
         if m is not None:
             tensors.append(m)
@@ -183,6 +193,7 @@ class _Rows:
     slots: Tensor
     mask: Tensor  # (rows, sum r) in the stack's dtype
     scale: Optional[Tensor] = None  # (rows, out): c per row, when an adapter rescales
+    add: Optional[Tensor] = None  # (rows, out): what each row's adapter adds per channel, when one does
 
 
 def _rows(layer, x: Tensor, plan, grad: bool) -> Optional[_Rows]:
@@ -204,7 +215,8 @@ def _rows(layer, x: Tensor, plan, grad: bool) -> Optional[_Rows]:
     dtype = x.dtype if x.is_floating_point() and not grad else layer.adapters[names[0]].lora_A.dtype
     stack = _build(layer, names, dtype) if grad else _stack(layer, names, dtype)
     found = _Rows(stack, slots, _mask(plan, stack, slots, rows, dtype),
-                  None if stack.scale is None else stack.scale.index_select(0, slots))
+                  None if stack.scale is None else stack.scale.index_select(0, slots),
+                  None if stack.add is None else stack.add.index_select(0, slots))
     if not grad and stack is not None:
         plan.memo[key] = found
     return found
@@ -229,6 +241,8 @@ def forward(layer, x: Tensor, out: Tensor, plan) -> Tensor:
         if stack.shift is not None:
             scaled = scaled + _along_channels(stack.shift.index_select(0, slots).to(out.dtype), out, ch)
         out = scaled
+    if found.add is not None:  # (lora_bias)
+        out = out + _along_channels(found.add.to(out.dtype), out, ch)
     if _gathers_pay(layer, h_in, rows, stack):
         down, up = _padded(stack)
         h3 = h_in.reshape(rows, -1, h_in.shape[-1])
@@ -263,6 +277,8 @@ def linear_no_grad(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], pla
                 out.add_(bias)
         # (index_select: several times faster than indexing with a tensor, on the CPU)
         out.baddbmm_(torch.bmm(x2.view(rows, tokens, -1), down.index_select(0, slots)), up.index_select(0, slots))
+        if found.add is not None:
+            out.add_(found.add[:, None])
         return out.view(*shape[:-1], out.shape[-1])
     h = torch.mm(x2, stack.down)
     (h if tokens == 1 else h.view(rows, tokens, -1)).mul_(found.mask if tokens == 1 else found.mask[:, None])
@@ -277,4 +293,6 @@ def linear_no_grad(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], pla
         out.addmm_(h, stack.up)
         if bias is not None:
             out.add_(bias)
+    if found.add is not None:
+        (out if tokens == 1 else out.view(rows, tokens, -1)).add_(found.add if tokens == 1 else found.add[:, None])
     return out.view(*shape[:-1], out.shape[-1])

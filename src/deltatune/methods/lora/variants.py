@@ -8,7 +8,10 @@ A variant answers, for one adapter ``ad`` of one layer:
 - ``apply(layer, ad, out, delta)``: ``out`` (the base output plus the adapters before this one) with this
   adapter's ``delta = s B A x`` applied;
 - ``factors(layer, ad, weight, bias, dtype)``: the no-grad path's :class:`~.cache.Factors`, cached;
-- ``merged_weight`` / ``unmerged_weight``: the base weight with the adapter merged in or taken out.
+- ``merged_weight`` / ``unmerged_weight``: the base weight with the adapter merged in or taken out;
+  ``merged_bias`` / ``unmerged_bias``: the base bias likewise (returned unchanged by variants that leave it);
+- ``out_shift(layer, ad)``: a per-output-channel term the adapter adds, ``(out,)``, or None;
+- ``fuses``: whether the training route may run the adapter inside the base layer's autograd node.
 
 :data:`LORA` adds: ``y = out + s B A x``. :data:`DORA` (Liu et al., 2024) rescales each output channel to a
 learned magnitude ``m``: ``y = b + (m / ||W + s B A||) * (out - b + s B A x)``, the norm detached (paper,
@@ -36,6 +39,7 @@ class LoraVariant:
     """Plain LoRA (and rsLoRA, which differs only in the scaling): ``y = out + s B A x``."""
 
     name = "lora"
+    fuses = True
 
     def init(self, layer, ad) -> None:
         """Nothing beyond ``A`` and ``B``."""
@@ -77,6 +81,59 @@ class LoraVariant:
 
     def unmerged_weight(self, layer, name: str, weight: Tensor) -> Tensor:
         return LF.add_delta(weight, layer.delta_weight(name), sign=-1.0)
+
+    def out_shift(self, layer, ad) -> Optional[Tensor]:
+        return None
+
+    def merged_bias(self, layer, name: str, bias: Tensor) -> Tensor:
+        return bias
+
+    def unmerged_bias(self, layer, name: str, bias: Tensor) -> Tensor:
+        return bias
+
+
+class BiasedLoraVariant(LoraVariant):
+    """LoRA with a trainable bias on ``B`` (peft's ``lora_bias=True``): ``y = out + s (B A x + b_B)``.
+
+    Merging adds ``s b_B`` to the base bias, so the base layer must have one.
+    """
+
+    name = "lora_bias"
+    fuses = False  # (the fused training node has no place for the extra bias; the general route runs it)
+
+    def init(self, layer, ad) -> None:
+        """``b_B`` starts at zero, so the layer starts as the base computes it."""
+        ad.lora_B_bias = nn.Parameter(ad.lora_B.new_zeros(ad.lora_B.shape[0]))
+
+    def empty(self, layer, ad) -> None:
+        ad.lora_B_bias = nn.Parameter(ad.lora_B.new_empty(ad.lora_B.shape[0]))
+
+    def params(self, ad) -> dict[str, nn.Parameter]:
+        return {**super().params(ad), "lora_B_bias": ad.lora_B_bias}
+
+    def out_shift(self, layer, ad) -> Tensor:
+        return ad.lora_B_bias * ad.scaling
+
+    def apply(self, layer, ad, out: Tensor, delta: Tensor) -> Tensor:
+        shift = self.out_shift(layer, ad).to(out.dtype)
+        return out + delta.to(out.dtype) + LF.along(shift, out, layer._channel_dim)
+
+    def factors(self, layer, ad, weight, bias, dtype):
+        return None  # the no-grad route's factors have no bias: this adapter takes the general route
+
+    def merged_weight(self, layer, name: str, weight: Tensor) -> Tensor:
+        if getattr(layer.base_layer, "bias", None) is None:
+            raise ValueError(f"adapter {name!r} has lora_bias=True but the base layer "
+                             f"{type(layer.base_layer).__name__} has no bias to merge it into")
+        return super().merged_weight(layer, name, weight)
+
+    def merged_bias(self, layer, name: str, bias: Tensor) -> Tensor:
+        ad = layer.adapters[name]
+        return (bias.float() + ad.lora_B_bias.detach().float() * ad.scaling).to(bias.dtype)
+
+    def unmerged_bias(self, layer, name: str, bias: Tensor) -> Tensor:
+        ad = layer.adapters[name]
+        return (bias.float() - ad.lora_B_bias.detach().float() * ad.scaling).to(bias.dtype)
 
 
 class DoraVariant(LoraVariant):
@@ -171,8 +228,11 @@ def _entry(layer, ad, weight: Tensor, bias: Optional[Tensor]):
 
 
 LORA = LoraVariant()
+LORA_BIAS = BiasedLoraVariant()
 DORA = DoraVariant()
 
 
-def variant_for(use_dora: bool) -> LoraVariant:
-    return DORA if use_dora else LORA
+def variant_for(use_dora: bool, lora_bias: bool = False) -> LoraVariant:
+    if use_dora and lora_bias:
+        raise ValueError("lora_bias=True cannot be combined with DoRA (use_dora=True), as in peft")
+    return DORA if use_dora else LORA_BIAS if lora_bias else LORA

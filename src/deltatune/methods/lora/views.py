@@ -41,6 +41,11 @@ class _Holder:
             raise ValueError(f"{self._role} must be replaced by an nn.Parameter of shape {tuple(old.shape)}")
         setattr(self._adapter, self._role, value)
 
+    @property
+    def bias(self):
+        """``lora_B[name].bias``: the adapter's ``lora_bias`` (None without one), as peft's ``nn.Linear`` has."""
+        return getattr(self._adapter, f"{self._role}_bias", None)
+
     def __repr__(self) -> str:
         return f"{self._role}({tuple(self.weight.shape)})"
 

@@ -140,6 +140,9 @@ def _check(peft_model, adapters, weights, adapter_name, combination_type, svd_ra
         if config.use_dora:
             raise ValueError(f"adapter {name!r} is a DoRA adapter: its output is m / ||W + s B A|| * (W + s B A) x, "
                              "which does not combine linearly with other adapters; combine plain LoRA adapters only")
+        if getattr(config, "lora_bias", False):
+            raise ValueError(f"adapter {name!r} has lora_bias=True: the combined adapter would lose its bias on B "
+                             "(peft drops it without a word); combine adapters without lora_bias")
     if combination_type not in COMBINATIONS:
         raise ValueError(f"unknown combination_type {combination_type!r}; choose one of {list(COMBINATIONS)}")
     kind, rule = COMBINATIONS[combination_type]
