@@ -12,12 +12,15 @@ output heads tied to a targeted embedding. They are :func:`~.targets.resolve_con
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Optional, Sequence
+
+from torch import nn
 
 from ...registry import Method, PeftType, register
 from .config import TrainableTokensConfig
 from .layer import TokenRows, TrainableTokensLayer, wrap_module
-from .targets import input_embedding_name, remember, resolve_config, rows_tied_to, tied_heads
+from .targets import input_embedding_name, remember, resolve_config, rows_tied_to, tied_heads, untied_heads
 
 
 def add_token_rows(layer: TrainableTokensLayer, adapter_name: str, token_indices: Sequence[int],
@@ -44,9 +47,30 @@ def _is_linear(module) -> bool:
     return False  # ("all-linear" means nothing here: the targets are embeddings)
 
 
+_checked: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def _refuse_untied_heads(peft_model, outputs, config, adapter_name: str):
+    """``adjust_output`` while the core cannot wrap tied heads itself: a head sharing the adapted
+    embedding's weight but computing without its rows would give other outputs than peft, silently; raise
+    instead (checked once per model and adapter)."""
+    done = _checked.setdefault(peft_model, set())
+    if adapter_name not in done:
+        missed = untied_heads(peft_model.base_model.model, adapter_name)
+        if missed:
+            raise ValueError(f"trainable tokens adapter {adapter_name!r}: {missed} share the adapted embedding's "
+                             "weight (tied word embeddings) but are not adapted; add them to target_modules "
+                             f"(e.g. target_modules=[<embedding>, {missed[0]!r}]) so they see the trained rows")
+        done.add(adapter_name)
+    return outputs
+
+
 # Hooks the core calls with the model, where its Method declares them (the registry's dataclass decides).
 _model_hooks = {"prepare_config": resolve_config, "extra_targets": tied_heads}
-_hooks = {k: v for k, v in _model_hooks.items() if k in {f.name for f in dataclasses.fields(Method)}}
+_fields = {f.name for f in dataclasses.fields(Method)}
+_hooks = {k: v for k, v in _model_hooks.items() if k in _fields}
+if "extra_targets" not in _hooks:  # (until then: refuse rather than compute other outputs than peft)
+    _hooks["adjust_output"] = _refuse_untied_heads
 
 register(Method(PeftType.TRAINABLE_TOKENS, TrainableTokensConfig, TrainableTokensLayer, wrap_module, _add_adapter,
                 _is_linear, checkpoint_keys={"trainable_tokens": {"trainable_tokens_delta": "trainable_tokens_delta"}},

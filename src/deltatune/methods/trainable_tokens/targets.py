@@ -74,6 +74,18 @@ def tied_heads(model: nn.Module, names: Sequence[str]) -> list[str]:
             if n not in wanted and isinstance(_plain(m), nn.Linear) and id(_plain(m).weight) in weights]
 
 
+def untied_heads(model: nn.Module, adapter_name: str) -> list[str]:
+    """Names of the linear modules sharing the weight of an embedding that adapter ``adapter_name`` adapts
+    but computing without its rows (not wrapped, or without that adapter): heads the adapter misses."""
+    embeddings = {id(m.base_layer.weight) for _, m in iter_modules(model)
+                  if isinstance(m, TrainableTokensLayer) and m._embedding and adapter_name in m.adapters}
+    if not embeddings:
+        return []
+    return [n for n, m in iter_modules(model)
+            if isinstance(_plain(m), nn.Linear) and id(_plain(m).weight) in embeddings
+            and not (isinstance(m, TrainableTokensLayer) and adapter_name in m.adapters)]
+
+
 def remember(layer: TrainableTokensLayer) -> None:
     """Record ``layer`` (an embedding's) as the one whose rows heads sharing its weight follow."""
     _EMBEDDING_OF_WEIGHT[layer.base_layer.weight] = weakref.ref(layer)
