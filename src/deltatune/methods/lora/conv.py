@@ -19,8 +19,6 @@ class LoraConv(LoraLayer):
     _channel_dim = 1
 
     def __init__(self, base_layer: nn.Module):
-        if base_layer.groups != 1:
-            raise TypeError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
         if base_layer.padding_mode != "zeros":
             raise TypeError(f"LoRA on convolutions with padding_mode={base_layer.padding_mode!r} is not supported")
         super().__init__(base_layer)
@@ -30,24 +28,42 @@ class LoraConv(LoraLayer):
     def _magnitude_shape(self):
         return (1, -1) + (1,) * (self.base_layer.weight.dim() - 2)  # peft keeps (1, out, 1, ...)
 
+    def _check_options(self, use_dora, lora_bias):
+        if use_dora and self.base_layer.groups != 1:
+            raise TypeError(f"DoRA on a grouped convolution (groups={self.base_layer.groups}) is not available: its "
+                            "norm needs the update as one kernel, which a grouped B A is not")
+
     def _shapes(self, r):
-        out_c, in_c, *kernel = self.base_layer.weight.shape
-        return (r, in_c, *kernel), (out_c, r, *([1] * len(kernel)))
+        # A sees every input channel (the base kernel, ungrouped); B is grouped as the base is (peft's layout)
+        base = self.base_layer
+        groups = base.groups
+        if r % groups:
+            raise ValueError(f"LoRA on a {type(base).__name__} with groups={groups} needs a rank divisible by "
+                             f"{groups}, got r={r}")
+        out_c, _, *kernel = base.weight.shape
+        return (r, base.in_channels, *kernel), (out_c, r // groups, *([1] * len(kernel)))
 
     def delta_weight(self, name):
+        if self.base_layer.groups != 1:  # conv_B . conv_A mixes all input channels: no grouped kernel holds it
+            raise ValueError(f"adapter {name!r}: a LoRA update on a grouped convolution (groups="
+                             f"{self.base_layer.groups}) is not a grouped kernel, so it cannot be merged (nor "
+                             "combined by add_weighted_adapter); peft cannot merge it either")
         ad = self.adapters[name]
         return LF.conv_delta_weight(ad.lora_A.float(), ad.lora_B.float(), ad.scaling)
 
     def _delta(self, x: Tensor, ad) -> Tensor:
         b = self.base_layer
         return LF.conv_delta(self._cast_input(x, ad.lora_A.dtype), ad.lora_A, ad.lora_B, ad.scaling, self._conv,
-                             b.stride, b.padding, b.dilation, ad.dropout, self.training)
+                             b.stride, b.padding, b.dilation, ad.dropout, self.training, b.groups)
 
     def _down(self, x, A):
         b = self.base_layer
         return self._conv(x, A, None, b.stride, b.padding, b.dilation)
 
     def _up(self, h, B):
+        if self.base_layer.groups != 1:  # (the concatenated B of several adapters is not grouped per adapter)
+            raise ValueError(f"mixed-adapter batches are not available on grouped convolutions (groups="
+                             f"{self.base_layer.groups})")
         return self._conv(h, B)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:

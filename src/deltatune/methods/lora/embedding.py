@@ -15,12 +15,15 @@ class LoraEmbedding(LoraLayer):
     """LoRA on ``nn.Embedding``: ``y = E[ids] + s * (A^T[ids]) B^T``; ``ids: (...)`` -> ``(..., dim)``."""
 
     checkpoint_kind = "lora_embedding"
-    _takes_lora_bias = False
     _weight_out_dim = 1  # DoRA normalises each embedding dimension over the vocabulary
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+
+    def _check_options(self, use_dora, lora_bias):
+        if lora_bias:
+            raise TypeError("lora_bias=True is not available for Embedding layers (as in peft)")
 
     def _shapes(self, r):
         num, dim = self.base_layer.weight.shape

@@ -236,12 +236,13 @@ def embedding_delta_weight(A: Tensor, B: Tensor, scaling: float) -> Tensor:
 
 
 def conv_delta(x: Tensor, A: Tensor, B: Tensor, scaling: float, conv: Callable, stride, padding,
-               dilation, dropout: float = 0.0, training: bool = False) -> Tensor:
-    """``s * conv_B(conv_A(drop(x)))``: ``A`` carries the base kernel, ``B`` is a 1x1 conv."""
+               dilation, dropout: float = 0.0, training: bool = False, groups: int = 1) -> Tensor:
+    """``s * conv_B(conv_A(drop(x)))``: ``A`` carries the base kernel, ``B`` is a 1x1 conv (grouped as the
+    base is, ``B: (out, r / groups, 1, ...)``, as peft lays it out)."""
     if dropout > 0.0 and training:
         x = F.dropout(x, p=dropout, training=True)
     hidden = conv(x, A, None, stride, padding, dilation)
-    return conv(hidden * scaling, B)
+    return conv(hidden * scaling, B, None, 1, 0, 1, groups)
 
 
 def conv_delta_weight(A: Tensor, B: Tensor, scaling: float) -> Tensor:

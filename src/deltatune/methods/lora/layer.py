@@ -142,8 +142,6 @@ class LoraLayer(nn.Module):
     #: Output channel dimension (of the forward output, and of the base weight) for DoRA.
     _channel_dim = -1
     _weight_out_dim = 0
-    #: Whether ``lora_bias=True`` (a bias on ``B``) is available for this layer type.
-    _takes_lora_bias = True
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -192,6 +190,9 @@ class LoraLayer(nn.Module):
     def _delta(self, x: Tensor, ad: LoraAdapter) -> Tensor:
         """``s B A drop(x)`` of one adapter, in the adapter's dtype (or autocast's)."""
         raise NotImplementedError
+
+    def _check_options(self, use_dora: bool, lora_bias: bool) -> None:
+        """A TypeError for an adapter option this layer cannot run (default: all run)."""
 
     def _mixed_layout(self, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
         """Concatenated ``A`` (``(sum r, in, *kernel)``) and ``B`` (``(out, sum r, *ones)``) in the layout
@@ -247,8 +248,7 @@ class LoraLayer(nn.Module):
             device = weight.device
         a_shape, b_shape = self._shapes(r)
         variant = variant_for(use_dora, lora_bias)
-        if lora_bias and not self._takes_lora_bias:
-            raise TypeError(f"lora_bias=True is not available for {type(self.base_layer).__name__} layers (as in peft)")
+        self._check_options(use_dora, lora_bias)
         adapter = LoraAdapter(a_shape, b_shape, scaling, dropout, variant, device=device,
                               dtype=adapter_dtype(weight, autocast_adapter_dtype))
         if adapter.lora_A.is_meta:  # no values to compute from: everything is loaded like A and B
