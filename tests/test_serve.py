@@ -388,8 +388,9 @@ def test_metrics_prometheus_text(root):
 class _Toy:
     """Rows of a toy 'model': adapter k adds k to its input; ``honours`` says if adapter_names is used."""
 
-    def __init__(self, honours=True, raises=False, same=False):
+    def __init__(self, honours=True, raises=False, same=False, ignores=()):
         self.active, self.honours, self.raises, self.same, self.calls = None, honours, raises, same, []
+        self.ignores = ignores  # adapters whose rows the mixed call runs under the active adapter instead
 
     @contextlib.contextmanager
     def activate(self, name):
@@ -406,6 +407,7 @@ class _Toy:
                 raise TypeError("unexpected keyword argument 'adapter_names'")
             if names is None or not self.honours:  # an ignored keyword: every row runs the active adapter
                 names = [self.active] * len(rows)
+            names = [self.active if n in self.ignores else n for n in names]
             return (torch.tensor([x[r] + self.value(n) for r, n in zip(rows, names)]),)
         return run
 
@@ -499,3 +501,18 @@ def test_health_is_503_when_the_worker_is_gone(root):
         assert httpx.get(f"{url}/health").status_code == 200
         server.worker.stop()
         assert httpx.get(f"{url}/health").status_code == 503
+
+
+def test_dispatcher_verifies_each_new_adapter_before_mixing_it():
+    """Mixed calls that honour LoRA rows but not a later adapter's: the later one is caught by its own probe."""
+    from deltatune.serve.dispatch import Dispatcher
+
+    toy = _Toy(ignores=("a9",))
+    dispatcher = Dispatcher(toy.activate)
+    x = [10.0, 20.0, 30.0]
+    for names in (["a1", None, "a2"], ["a2", "a1", None], ["a9", "a1", None], ["a1", "a9", "a2"]):
+        (out,) = dispatcher.run(names, toy.call(x))
+        assert out.tolist() == [x[i] + toy.value(n) for i, n in enumerate(names)]
+        if names == ["a2", "a1", None]:
+            assert dispatcher.mode == "mixed" and toy.calls[-1] == ["a2", "a1", "__base__"]  # no new probe
+    assert dispatcher.mode == "grouped" and "a9" not in dispatcher.verified["forward"]

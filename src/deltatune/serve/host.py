@@ -79,6 +79,7 @@ class ModelHost:
         if name in self.loaded:
             self._unload(name)
         del self.specs[name]
+        self.dispatcher.forget(name)
 
     def admits(self, names: Iterable[Optional[str]]) -> bool:
         """Whether adapters ``names`` fit on the device together (next to the pinned ones)."""
