@@ -17,8 +17,8 @@ import deltatune as dt
 from conftest import main_output, perturb_trainable, text_inputs, tiny_bert_cls, tiny_gpt2_lm, tiny_llama
 from deltatune.adapter_layer import check_layer
 from deltatune.config import ConfigError
-from deltatune.methods.trainable_tokens import (TrainableTokensConfig, TrainableTokensLayer, resolve_config,
-                                                tied_heads)
+from deltatune.methods.trainable_tokens import (TrainableTokensConfig, TrainableTokensLayer, attach_token_rows,
+                                                resolve_config, tied_heads)
 from deltatune.methods.trainable_tokens import functional as TF
 from deltatune.registry import Method
 
@@ -308,3 +308,34 @@ def test_low_cpu_mem_usage_load(tmp_path):
     target.merge_adapter()
     target.unmerge_adapter()
     torch.testing.assert_close(_out(target), _out(source), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- reuse by LoRA
+class _LoraTokenLayer(TrainableTokensLayer):
+    """As LoRA's trainable_token_indices would subclass the layer (its own checkpoint_kind)."""
+
+    checkpoint_kind = "lora_token_rows_test"
+
+
+def test_attach_token_rows_equals_peft_lora_trainable_token_indices():
+    """What LoRA's trainable_token_indices calls: rows in the embedding (a list: the input embedding), the
+    tied head following them; outputs equal peft's LoRA with the same rows (LoRA itself at its identity)."""
+    pm = peft.get_peft_model(tiny_gpt2_lm(), peft.LoraConfig(target_modules=["c_attn"], trainable_token_indices=IDS))
+    rows = dict(pm.named_parameters())["base_model.model.transformer.wte.token_adapter.trainable_tokens_delta.default"]
+    with torch.no_grad():
+        rows.add_(torch.randn(rows.shape, generator=torch.Generator().manual_seed(5)) * 0.5)
+    model = tiny_gpt2_lm()
+    assert attach_token_rows(model, IDS, "default", layer_cls=_LoraTokenLayer) == ["transformer.wte", "lm_head"]
+    wte, head = model.transformer.wte, model.lm_head
+    assert isinstance(wte, _LoraTokenLayer) and head.is_tied("default") and not wte.is_tied("default")
+    with torch.no_grad():
+        wte.adapters["default"].trainable_tokens_delta.copy_(rows)
+    for layer in (wte, head):
+        layer.set_active(["default"])
+    torch.testing.assert_close(_out(model), _out(pm), rtol=0, atol=1e-5)
+    named = tiny_llama()
+    assert attach_token_rows(named, {"embed_tokens": [1, 2]}, "x") == ["model.embed_tokens"]
+    with pytest.raises(ValueError, match="already has"):
+        attach_token_rows(named, {"embed_tokens": [3]}, "x")
+    with pytest.raises(ValueError, match="matches 0 modules"):
+        attach_token_rows(tiny_llama(), {"nothing": [1]}, "x")

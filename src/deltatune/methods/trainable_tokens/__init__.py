@@ -13,29 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Optional, Sequence
 
 from torch import nn
 
 from ...registry import Method, PeftType, register
+from .attach import attach_token_rows, token_targets
 from .config import TrainableTokensConfig
 from .layer import TokenRows, TrainableTokensLayer, wrap_module
-from .targets import input_embedding_name, remember, resolve_config, rows_tied_to, tied_heads, untied_heads
-
-
-def add_token_rows(layer: TrainableTokensLayer, adapter_name: str, token_indices: Sequence[int],
-                   init_weights: bool = True, autocast_adapter_dtype: bool = True, device=None) -> None:
-    """Add adapter ``adapter_name`` to ``layer``: its own rows ``token_indices`` on an embedding, or, on a
-    linear head whose weight is an already adapted embedding's, that embedding's rows (tied).
-
-    This is the entry point for any method that trains token rows (this one; LoRA's
-    ``trainable_token_indices``): call it for the embedding before its tied heads.
-    """
-    tied: Optional[TokenRows] = rows_tied_to(layer, adapter_name)
-    layer.add_adapter(adapter_name, token_indices, init_weights=init_weights,
-                      autocast_adapter_dtype=autocast_adapter_dtype, device=device, tied=tied)
-    if layer._embedding:
-        remember(layer)
+from .targets import add_token_rows, input_embedding_name, resolve_config, tied_heads, untied_heads
 
 
 def _add_adapter(layer: TrainableTokensLayer, module_name: str, adapter_name: str, config: TrainableTokensConfig,
@@ -76,5 +61,5 @@ register(Method(PeftType.TRAINABLE_TOKENS, TrainableTokensConfig, TrainableToken
                 _is_linear, checkpoint_keys={"trainable_tokens": {"trainable_tokens_delta": "trainable_tokens_delta"}},
                 prefix="trainable_tokens_", **_hooks))
 
-__all__ = ["TrainableTokensConfig", "TrainableTokensLayer", "TokenRows", "add_token_rows", "input_embedding_name",
-           "resolve_config", "tied_heads"]
+__all__ = ["TrainableTokensConfig", "TrainableTokensLayer", "TokenRows", "add_token_rows", "attach_token_rows",
+           "input_embedding_name", "resolve_config", "tied_heads", "token_targets"]

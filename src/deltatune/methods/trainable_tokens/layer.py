@@ -68,6 +68,7 @@ class TrainableTokensLayer(nn.Module):
             raise TypeError(f"trainable tokens need an nn.Embedding (or an nn.Linear output head), "
                             f"got {type(base_layer).__name__}")
         adapter_state.init(self, base_layer)
+        self._tied: set[str] = set()  # adapters whose rows another layer (the embedding) owns
         self._embedding = isinstance(base_layer, nn.Embedding)
         if self._embedding:
             self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
@@ -77,7 +78,10 @@ class TrainableTokensLayer(nn.Module):
     weight = property(adapter_state.base_weight)
     set_active = adapter_state.set_active
     set_disabled = adapter_state.set_disabled
-    delete_adapter = adapter_state.delete_adapter
+
+    def delete_adapter(self, name: str) -> None:
+        adapter_state.delete_adapter(self, name)
+        self._tied.discard(name)
     _refresh = adapter_state.refresh
 
     @property
@@ -110,6 +114,7 @@ class TrainableTokensLayer(nn.Module):
             if tied.token_indices != ids or tied.trainable_tokens_delta.shape[-1] != weight.shape[1]:
                 raise ValueError("the tied rows list other token ids or have another width than this layer")
             self.adapters[name] = tied
+            self._tied.add(name)
             return
         with torch.no_grad():
             original = weight[torch.as_tensor(ids, dtype=torch.long, device=weight.device)].detach().clone()
@@ -125,6 +130,10 @@ class TrainableTokensLayer(nn.Module):
 
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         return {"trainable_tokens_delta": self.adapters[name].trainable_tokens_delta}
+
+    def is_tied(self, name: str) -> bool:
+        """Whether adapter ``name``'s rows are another layer's (this is a head tied to an embedding)."""
+        return name in self._tied and name in self.adapters
 
     def tied_to(self, other: "TrainableTokensLayer", name: str) -> bool:
         """Whether adapter ``name`` of this layer is the very rows of ``other``'s (a tied pair)."""

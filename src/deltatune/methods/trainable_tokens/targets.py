@@ -101,3 +101,18 @@ def rows_tied_to(layer: TrainableTokensLayer, adapter_name: str) -> Optional[Tok
     if embedding is None or embedding.base_layer.weight is not layer.base_layer.weight:
         return None
     return embedding.adapters[adapter_name] if adapter_name in embedding.adapters else None
+
+
+def add_token_rows(layer: TrainableTokensLayer, adapter_name: str, token_indices: Sequence[int],
+                   init_weights: bool = True, autocast_adapter_dtype: bool = True, device=None) -> None:
+    """Add adapter ``adapter_name`` to ``layer``: its own rows ``token_indices`` on an embedding, or, on a
+    linear head whose weight is an already adapted embedding's, that embedding's rows (tied).
+
+    This is the entry point for any method that trains token rows (this one; LoRA's
+    ``trainable_token_indices``): call it for the embedding before its tied heads.
+    """
+    tied = rows_tied_to(layer, adapter_name)
+    layer.add_adapter(adapter_name, token_indices, init_weights=init_weights,
+                      autocast_adapter_dtype=autocast_adapter_dtype, device=device, tied=tied)
+    if layer._embedding:
+        remember(layer)
