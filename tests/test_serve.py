@@ -516,3 +516,30 @@ def test_dispatcher_verifies_each_new_adapter_before_mixing_it():
         if names == ["a2", "a1", None]:
             assert dispatcher.mode == "mixed" and toy.calls[-1] == ["a2", "a1", "__base__"]  # no new probe
     assert dispatcher.mode == "grouped" and "a9" not in dispatcher.verified["forward"]
+
+
+def test_lora_and_dora_side_by_side_and_a_second_method_refused(tmp_path, expected):
+    """LoRA and DoRA adapters on one base, their rows in shared batches: each equals offline. An (IA)^3
+    adapter next to them (deltatune keeps one method per model) is refused with a 422, nothing changed."""
+    from deltatune import IA3Config
+
+    for method, kw in (("lora", {}), ("dora", dict(use_dora=True))):
+        save_adapter(str(tmp_path / method), seed=11, **kw)
+    get_peft_model(minilm_classifier(), IA3Config(task_type="SEQ_CLS", target_modules=["key", "value"],
+                                                  feedforward_modules=[])).save_pretrained(tmp_path / "ia3")
+    want = {m: offline(str(tmp_path / m), TEXTS[:2]) for m in ("lora", "dora")}
+    config = ServeConfig(adapters=[(m, str(tmp_path / m)) for m in want], max_wait_ms=100, adapter_root=str(tmp_path))
+    with running(config) as (url, server), httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "ia3", "lora_path": "ia3"})
+        assert r.status_code == 422 and "does not fit the base model" in r.json()["error"]["message"]
+        jobs = [(m, i) for m in ("lora", "dora", "minilm-l6") for i in range(2)] * 2
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(lambda j: (j, embed(client, j[0], [TEXTS[j[1]]])), jobs))
+        for (model, i), (emb, _) in got:
+            ref = expected["base"][0][i] if model == "minilm-l6" else want[model][0][i]
+            torch.testing.assert_close(emb[0], ref, atol=1e-5, rtol=0)
+        for m in want:
+            torch.testing.assert_close(classify(client, m, TEXTS[:2])[0], want[m][1], atol=1e-5, rtol=0)
+        assert list(server.host.peft.peft_config) == ["lora", "dora"]
+    assert max(int(r.headers["x-deltatune-batch-size"]) for _, (_, r) in got) > 1
+    assert (want["lora"][0] - want["dora"][0]).abs().max() > 1e-3  # DoRA's magnitudes change the outputs
