@@ -218,6 +218,30 @@ def _comparable(config: dict) -> dict:
             for k, v in config.items() if k not in ("peft_version", "auto_mapping")}
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("loha-conv-effective", "lokr-llama-decompose-both")],
+                         ids=lambda c: c[0])
+def test_low_cpu_mem_usage_load_and_a_bad_checkpoint_changes_nothing(case, tmp_path):
+    _, method, build, make_inputs, kwargs = case
+    inputs = make_inputs()
+    source = peft.get_peft_model(build(), _pair(method, kwargs)[1])
+    perturb_trainable(source, 4, 0.3)
+    source.save_pretrained(str(tmp_path / "a"))
+    empty = dt.get_peft_model(build(), _pair(method, kwargs)[0], low_cpu_mem_usage=True)
+    prefix = "hada_" if method == "loha" else "lokr_"
+    factors = [p for n, p in empty.named_parameters() if n.rsplit(".", 1)[-1].startswith(prefix)]
+    assert factors and all(p.is_meta for p in factors)  # created empty, not initialised
+    target = dt.PeftModel.from_pretrained(build(), str(tmp_path / "a"), low_cpu_mem_usage=True)
+    assert not any(p.is_meta for p in target.parameters())
+    torch.testing.assert_close(_out(target, inputs), _out(source, inputs), rtol=0, atol=1e-5)
+    weights = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    key = sorted(weights)[0]
+    weights[key] = torch.zeros(weights[key].shape[0] + 1, *weights[key].shape[1:])
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(dt.CheckpointError, match="shape"):
+        dt.set_peft_model_state_dict(target, weights)
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("loha-bert-patterns", "loha-conv-effective",
                                                                "lokr-llama-decompose-both", "lokr-conv")],
                          ids=lambda c: c[0])
