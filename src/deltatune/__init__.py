@@ -20,6 +20,8 @@ from .mapping import (
 )
 from .methods.adalora import AdaLoraConfig
 from .methods.ia3 import IA3Config
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora import DoRAConfig, LoraConfig
 from .methods.p_tuning import PromptEncoderConfig
 from .methods.prefix_tuning import PrefixTuningConfig
@@ -64,6 +66,8 @@ __all__ = [
     "ConfigError",
     "DoRAConfig",
     "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",
