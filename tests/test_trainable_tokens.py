@@ -284,6 +284,8 @@ def test_identity_at_init_and_bad_configs_leave_the_model_unchanged():
                 dict(token_indices="3"), dict(token_indices=[1], init_weights="yes")):
         with pytest.raises(ConfigError):
             TrainableTokensConfig(**bad)
+    with pytest.raises(ConfigError, match="modules_to_save"):  # a head that must train: refused, not ignored
+        dt.get_peft_model(tiny_bert_cls(), TrainableTokensConfig(task_type="SEQ_CLS", token_indices=IDS))
     fresh = tiny_llama()
     state = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(ValueError, match="out of range"):

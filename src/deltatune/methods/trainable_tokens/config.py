@@ -55,3 +55,12 @@ class TrainableTokensConfig(PeftConfig):
                               "(each row has one trainable value)")
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights must be True or False, got {self.init_weights!r}")
+
+    def replace(self, **changes) -> "TrainableTokensConfig":
+        """A validated copy with some fields changed; ``modules_to_save`` (which a task wrapper asks for to
+        train its head, e.g. ``SEQ_CLS``) is refused by name: this method has no such field, in peft either."""
+        if "modules_to_save" in changes:
+            raise ConfigError(f"TrainableTokensConfig has no modules_to_save (nor has peft's), so task_type="
+                              f"{getattr(self.task_type, 'value', self.task_type)!r}, whose head must train, cannot "
+                              "use it; leave task_type unset, or use LoraConfig(trainable_token_indices=...)")
+        return super().replace(**changes)
