@@ -26,6 +26,7 @@ from .methods.lora import DoRAConfig, LoraConfig
 from .methods.p_tuning import PromptEncoderConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
+from .methods.trainable_tokens import TrainableTokensConfig
 from .model import PeftModel
 from .tasks import (
     PeftModelForCausalLM,
@@ -83,6 +84,7 @@ __all__ = [
     "PromptTuningConfig",
     "TargetError",
     "TaskType",
+    "TrainableTokensConfig",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
