@@ -385,6 +385,7 @@ def test_unsupported_layers_are_refused_and_the_model_is_left_unchanged(method):
 
 
 def test_config_objects_are_not_mutated_and_round_trip():
+    assert (dt.LoHaConfig, dt.LoKrConfig) == (LoHaConfig, LoKrConfig)  # the public names, as in peft
     config = LoKrConfig(target_modules=["v_proj", "q_proj"], rank_pattern={"q_proj": 2}, decompose_both=True)
     snapshot = copy.deepcopy(config)
     dt.get_peft_model(tiny_llama(), config)
