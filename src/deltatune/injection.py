@@ -22,12 +22,17 @@ from .targeting import TargetError, is_target, matches, no_match_message
 def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """``named_modules`` under the *original* names: the inside of adapter layers and
     modules_to_save wrappers is not entered (a wrapped layer is reported under its own name)."""
-    stop = adapter_layer_types() + (ModulesToSaveWrapper,)
+    layers = adapter_layer_types()
+    stop = layers + (ModulesToSaveWrapper,)
     for name, child in model.named_children():
         full = f"{prefix}.{name}" if prefix else name
         yield full, child
         if not isinstance(child, stop):
             yield from iter_modules(child, full)
+        # Layers nested in a layer (one per targeted parameter of one module) are layers of their own.
+        while isinstance(child, layers) and isinstance(child._modules.get("base_layer"), layers):
+            child, full = child._modules["base_layer"], f"{full}.base_layer"
+            yield full, child
 
 
 def adapter_layers(model: nn.Module, layer_cls: type | tuple = ()) -> Iterator[tuple[str, nn.Module]]:
@@ -101,6 +106,8 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 def find_targets(model: nn.Module, config, method: Method) -> list[str]:
     """Names of the modules ``config`` adapts; a :class:`TargetError` listing close names if none."""
+    if getattr(config, "target_parameters", None) and not config.target_modules:
+        return []  # (parameters only: see parameter_layers)
     if config.target_modules is None:
         raise TargetError("target_modules is not set: name the modules to adapt (or use 'all-linear')")
     heads = output_head_names(model)
@@ -153,10 +160,60 @@ def inject(model: nn.Module, config, adapter_name: str, method: Method,
     return Injection(names, undo)
 
 
+def parameter_layers(model: nn.Module, config, method: Method) -> dict[str, nn.Module]:
+    """For ``config.target_parameters``: per owning module ``M`` whose parameters ``p_1 .. p_k`` (in the
+    module's order) match, the chain of wrappers (existing, or new from ``method.wrap_parameter``), outermost
+    first: ``{M: wraps p_k, M.base_layer: wraps p_(k-1), ...}``, the nesting peft's checkpoint keys follow.
+    A :class:`TargetError` if nothing matches."""
+    entries = getattr(config, "target_parameters", None) or []
+    if not entries:
+        return {}
+    if method.wrap_parameter is None:
+        raise TypeError(f"{method.peft_type.value} cannot target parameters (target_parameters)")
+    layer_types = adapter_layer_types()
+    found: dict[str, nn.Module] = {}
+    seen = []
+    for name, module in list(iter_modules(model)):
+        if name.endswith(".base_layer") and isinstance(module, layer_types):
+            continue  # (inner wrappers: handled with their outermost one)
+        owner, chain = module, []
+        while isinstance(owner, method.layer_cls) and hasattr(owner, "parameter_name"):
+            chain.append(owner)
+            owner = owner.base_layer
+        if isinstance(owner, layer_types):
+            continue
+        for p in owner._parameters:
+            seen.append(f"{name}.{p}")
+        matched = [p for p in owner._parameters if any(f"{name}.{p}" == e or f"{name}.{p}".endswith("." + e)
+                                                       for e in entries)]
+        if not matched:
+            continue
+        if chain:
+            if [layer.parameter_name for layer in reversed(chain)] != matched:
+                raise ValueError(f"module {name!r}: its parameters are adapted as {[c.parameter_name for c in chain]}; "
+                                 f"every adapter must target the same parameters of a module (as in peft), got {matched}")
+        else:
+            current = owner
+            for p in matched:
+                current = method.wrap_parameter(current, p)
+                chain.insert(0, current)
+        for depth, layer in enumerate(chain):
+            found[name + ".base_layer" * depth] = layer
+    if not found:
+        raise TargetError(no_match_message(entries, seen, "target_parameters"))
+    return found
+
+
 def _inject(model, config, adapter_name, method, autocast_adapter_dtype, device) -> list[str]:
     names = find_targets(model, config, method)
-    layers = {}
+    layers = parameter_layers(model, config, method)
+    clash = sorted(set(layers) & set(names))
+    if clash:
+        raise ValueError(f"modules {clash} are matched by both target_modules and target_parameters")
+    names = list(layers) + names
     for name in names:
+        if name in layers:
+            continue
         module = model.get_submodule(name)
         if isinstance(module, method.layer_cls):
             layers[name] = module

@@ -76,6 +76,9 @@ class Method:
     update_and_allocate: Optional[Callable] = None
     prefix: Optional[str] = None
     add_weighted_adapter: Optional[Callable] = None
+    #: Optional ``(module, parameter name) -> layer``: wraps one named parameter of ``module`` (which may be
+    #: such a layer already) for configs with ``target_parameters``.
+    wrap_parameter: Optional[Callable] = None
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ def check(peft_model, names, batch: Optional[int]) -> tuple[str, ...]:
     for module_name, layer in injection.adapter_layers(model):
         if getattr(layer, "disabled", False):
             raise ValueError("adapter_names inside disable_adapter(): every row would run the base model")
-        if hasattr(layer, "route_rows"):
+        if callable(getattr(layer, "route_rows", None)):
             continue
         held = sorted(wanted & set(layer.adapters))
         if held:
@@ -127,7 +127,7 @@ def check(peft_model, names, batch: Optional[int]) -> tuple[str, ...]:
 
 def _routed_modules(model: nn.Module) -> Iterator[nn.Module]:
     for _, module in injection.iter_modules(model):
-        if hasattr(module, "route_rows"):
+        if callable(getattr(module, "route_rows", None)):
             yield module
 
 

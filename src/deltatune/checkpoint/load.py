@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import NamedTuple
 
@@ -76,8 +77,13 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
     return LoadResult([k for k in wanted if k not in provided], [])
 
 
+_BASE_TENSOR = re.compile(r"\.base_layer\.([^.]+)$")
+
+
 def _unwrapped(key: str) -> str:
-    return without_wrappers(key).replace(".base_layer.", ".")
+    # Only a base tensor's own ``.base_layer.`` (``x.base_layer.bias``): layers nested for several targeted
+    # parameters of one module keep theirs (``experts.base_layer.lora_A.weight``, as peft nests them).
+    return _BASE_TENSOR.sub(r".\1", without_wrappers(key))
 
 
 def warn_missing(missing: list[str], adapter_name: str) -> None:

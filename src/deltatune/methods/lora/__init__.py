@@ -3,6 +3,7 @@
 from ...registry import Method, PeftType, register
 from .config import DoRAConfig, LoraConfig
 from .layer import LoraLayer, is_linear
+from .param import wrap_parameter
 from .weighted import add_weighted_adapter
 from .wrap import wrap_module
 
@@ -33,6 +34,6 @@ CHECKPOINT_KEYS = {
 
 register(Method(PeftType.LORA, LoraConfig, LoraLayer, wrap_module, _add_adapter, is_linear,
                 checkpoint_keys=CHECKPOINT_KEYS, rank_role="lora_A", prefix="lora_",
-                add_weighted_adapter=add_weighted_adapter))
+                add_weighted_adapter=add_weighted_adapter, wrap_parameter=wrap_parameter))
 
 __all__ = ["DoRAConfig", "LoraConfig", "LoraLayer"]

@@ -50,6 +50,9 @@ class LoraConfig(PeftConfig):
             LoRA direction update; Linear and Conv1D layers.
         layer_replication: ``[[start, end), ...]`` ranges of layers to stack, e.g. ``[[0, 4], [2, 5]]``
             gives layers 0,1,2,3,2,3,4; repeated layers share base weights and get their own adapters.
+        target_parameters: Parameters (by name suffix, e.g. ``"mlp.experts.gate_up_proj"``) to adapt directly:
+            2-D weights or 3-D mixture-of-experts tensors ``(experts, out, in)``, one rank-r pair per expert
+            (peft's layout); no dropout, DoRA or lora_bias there (as in peft).
         lora_bias: A trainable bias on ``lora_B`` (zero at init): ``y = W x + b + s (B A x + b_B)``; merging
             adds ``s b_B`` to the base bias (layers without one cannot merge it). Not with DoRA or embeddings.
     """
@@ -71,6 +74,7 @@ class LoraConfig(PeftConfig):
     use_dora: bool = False
     layer_replication: Optional[list] = None
     lora_bias: bool = False
+    target_parameters: Optional[list[str]] = None
 
     peft_type: ClassVar[PeftType] = PeftType.LORA
     compat_fields: ClassVar[dict] = {
@@ -86,7 +90,6 @@ class LoraConfig(PeftConfig):
         "megatron_core": "megatron.core",
         "monteclora_config": None,
         "qalora_group_size": 16,
-        "target_parameters": None,
         "trainable_token_indices": None,
         "use_bdlora": None,
         "use_qalora": False,
