@@ -29,6 +29,17 @@ BERT = dict(task_type="SEQ_CLS", target_modules=["query", "value", "intermediate
             rank_pattern={"value": 2}, alpha_pattern={"query": 3})
 CONV = dict(target_modules=["conv", "conv2", "row"], modules_to_save=["head"])
 ALL_CONV = dict(target_modules=["conv", "conv2", "row", "head"])
+
+
+def grouped_convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 8, 3, groups=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2)).eval()
+
+
+def grouped_inputs():
+    return {"input": torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(5))}
+
+
 CASES = [
     ("loha-llama", "loha", tiny_llama, text_inputs, dict(LLAMA, r=4, alpha=16)),
     ("loha-bert-patterns", "loha", tiny_bert_cls, text_inputs, dict(BERT, r=4)),
@@ -39,6 +50,9 @@ CASES = [
      dict(LLAMA, r=8, decompose_factor=4, exclude_modules=["layers.0.self_attn.q_proj"])),
     ("lokr-bert-lycoris-init", "lokr", tiny_bert_cls, text_inputs, dict(BERT, r=2, init_weights="lycoris")),
     ("lokr-conv", "lokr", tiny_convnet, conv_inputs, dict(CONV, r=1)),
+    ("loha-grouped-conv", "loha", grouped_convnet, grouped_inputs,
+     dict(target_modules=["0", "2"], r=2, use_effective_conv2d=True)),
+    ("lokr-grouped-conv", "lokr", grouped_convnet, grouped_inputs, dict(target_modules=["0", "2"], r=1)),
     ("lokr-conv-whole-factors", "lokr", tiny_convnet, conv_inputs, dict(ALL_CONV, r=4)),
     # (peft 0.21 itself fails on a Conv1d here under torch 2.13, see test_lokr_conv1d_effective_formula)
     ("lokr-conv-effective", "lokr", tiny_convnet, conv_inputs,
