@@ -35,7 +35,7 @@ CASES = [  # (id, build, kwargs for both libraries' TrainableTokensConfig)
 
 
 def _config(lib, **kwargs):
-    return (peft.TrainableTokensConfig if lib is peft else TrainableTokensConfig)(**kwargs)
+    return lib.TrainableTokensConfig(**kwargs)
 
 
 def _inputs():

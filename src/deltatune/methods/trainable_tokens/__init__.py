@@ -6,7 +6,11 @@ themselves), a tied output head's under its own name with the embedding's values
 Two steps need the model, not just a layer: the default target (the input embedding) and wrapping the
 output heads tied to a targeted embedding. They are :func:`~.targets.resolve_config` and
 :func:`~.targets.tied_heads`, handed to the core as the registry's ``prepare_config`` and
-``extra_targets`` hooks where its :class:`~deltatune.registry.Method` has those fields.
+``extra_targets`` hooks where its :class:`~deltatune.registry.Method` has those fields. Until it has
+them, ``target_modules`` must be given, and a tied head must be listed in it beside its embedding: the
+first forward refuses an adapted embedding whose tied head computes without its rows (``adjust_output``).
+
+LoRA's ``trainable_token_indices`` reuses the layer through :func:`~.attach.attach_token_rows`.
 """
 
 from __future__ import annotations
