@@ -324,6 +324,22 @@ def test_mixed_adapter_batches_are_refused_clearly(method):
 
 
 # ---------------------------------------------------------------------------------------- training, init, dropout
+@pytest.mark.parametrize("method,build,kwargs", [
+    ("loha", tiny_convnet, dict(ALL_CONV, r=2, use_effective_conv2d=True, init_weights=False)),
+    ("lokr", tiny_llama, dict(LLAMA, r=1, decompose_both=True, init_weights=False)),
+    ("lokr", tiny_convnet, dict(ALL_CONV, r=1, use_effective_conv2d=True, init_weights="lycoris")),
+], ids=["loha-conv", "lokr-llama", "lokr-conv-lycoris"])
+def test_same_seed_gives_peft_initial_values(method, build, kwargs):
+    ours, theirs = _pair(method, kwargs)
+    base_p, base_d = build(), build()
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(base_p, theirs)
+    torch.manual_seed(7)
+    dm = dt.get_peft_model(base_d, ours)
+    want, got = peft.get_peft_model_state_dict(pm), dt.get_peft_model_state_dict(dm)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 @pytest.mark.parametrize("method,init", [("loha", True), ("lokr", True), ("lokr", "lycoris")])
 def test_starts_as_the_base_and_training_changes_only_adapter_tensors(method, init):
     inputs = text_inputs()

@@ -81,7 +81,7 @@ class LycorisConfig(PeftConfig):
             raise ConfigError(f"init_weights must be one of {list(self._INIT_CHOICES)}, got {self.init_weights!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is set but layers_to_transform is not: give the layer indices too")
-        # (a new list, not a sorted copy in place: the caller's object stays as it was given)
+        # (sets and tuples become sorted lists, the JSON form peft writes and reads)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):
