@@ -78,11 +78,12 @@ class TrainableTokensLayer(nn.Module):
     weight = property(adapter_state.base_weight)
     set_active = adapter_state.set_active
     set_disabled = adapter_state.set_disabled
+    _refresh = adapter_state.refresh
 
     def delete_adapter(self, name: str) -> None:
+        """Remove an adapter that is not merged (a tied head's: only this layer's reference to the rows)."""
         adapter_state.delete_adapter(self, name)
         self._tied.discard(name)
-    _refresh = adapter_state.refresh
 
     @property
     def vocab_size(self) -> int:
