@@ -9,8 +9,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..config import PeftConfig
-from ..fileio import atomic_write, atomic_write_bytes
+from ..config import CONFIG_NAME, PeftConfig
+from ..fileio import atomic_write_bytes, staged_folder
 from .convert import convert_to_plain_lora
 from .errors import CheckpointError
 from .keys import rename_keys, saved_tensors, state_dict_for_save
@@ -50,12 +50,15 @@ def save_adapter(model: nn.Module, adapter_name: str, config, directory: str, in
 
 
 def save_adapter_folder(directory: str, tensors: dict[str, Tensor], config) -> None:
-    """Write ``adapter_model.safetensors`` then ``adapter_config.json`` into ``directory``, each atomically."""
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory`` as one atomic
+    step (:func:`deltatune.fileio.staged_folder`): the folder holds the old pair or the new one, never one
+    file of each, whenever the process dies. Other entries of ``directory`` are kept."""
     from safetensors.torch import save_file
 
-    os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, SAFETENSORS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    config.save_pretrained(directory)
+    os.makedirs(directory, exist_ok=True)  # (as before: a failed first save leaves the folder, empty)
+    with staged_folder(directory, replaced=(SAFETENSORS_NAME, CONFIG_NAME)) as staged:
+        save_file(tensors, os.path.join(staged, SAFETENSORS_NAME), metadata={"format": "pt"})
+        config.save_pretrained(staged)
 
 
 class AdapterFiles(NamedTuple):
