@@ -2,7 +2,7 @@
 
 from ...registry import Method, PeftType, register
 from .config import OFTConfig
-from .layer import OFTLayer, is_linear, wrap_module
+from .layer import OFTEmbeddingLayer, OFTLayer, is_linear, wrap_module
 
 
 def _add_adapter(layer: OFTLayer, module_name: str, adapter_name: str, config: OFTConfig,
@@ -11,6 +11,7 @@ def _add_adapter(layer: OFTLayer, module_name: str, adapter_name: str, config: O
 
 
 register(Method(PeftType.OFT, OFTConfig, OFTLayer, wrap_module, _add_adapter, is_linear,
-                checkpoint_keys={"oft": {"oft_R": "oft_R.weight"}}, prefix="oft_"))
+                checkpoint_keys={"oft": {"oft_R": "oft_R.weight"},
+                                 "oft_embedding": {"oft_R": "oft_embedding_R.weight"}}, prefix="oft_"))
 
-__all__ = ["OFTConfig", "OFTLayer"]
+__all__ = ["OFTConfig", "OFTEmbeddingLayer", "OFTLayer"]

@@ -27,7 +27,8 @@ class OFTConfig(PeftConfig):
         exclude_modules: Modules to skip.
         layers_to_transform: Only adapt layers with these indices.
         layers_pattern: Name(s) of the layer container used to find the index.
-        fan_in_fan_out: peft's field; OFT adapts ``nn.Linear`` and ``nn.Conv2d`` only, so it must be False.
+        fan_in_fan_out: peft's field; OFT adapts ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding`` (no GPT-2
+            ``Conv1D``), so it must be False.
         bias: ``"none"`` or ``"all"`` (every bias in the model trains). peft's ``"oft_only"`` is refused.
         modules_to_save: Modules trained in full and saved with the adapter.
         init_weights: ``True``: zero skew parameters, ``R = I`` (the model starts as the base); ``False``:
@@ -82,8 +83,8 @@ class OFTConfig(PeftConfig):
                      if self.bias == "oft_only" else "")
             raise ConfigError(f"bias must be one of {_BIAS_CHOICES}, got {self.bias!r}{extra}")
         if self.fan_in_fan_out:
-            raise ConfigError("fan_in_fan_out=True: OFT adapts nn.Linear and nn.Conv2d only (weights stored "
-                              "(out, in)), as in peft")
+            raise ConfigError("fan_in_fan_out=True: OFT adapts nn.Linear, nn.Conv2d and nn.Embedding only "
+                              "(no Conv1D with (in, out) weights), as in peft")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is set but layers_to_transform is not: give both")
 

@@ -1,5 +1,5 @@
-"""OFT layers: wrap a frozen ``nn.Linear`` or ``nn.Conv2d`` and rotate what it sees by each active adapter's
-block-diagonal orthogonal matrix.
+"""OFT layers: wrap a frozen ``nn.Linear``, ``nn.Conv2d`` or ``nn.Embedding`` and rotate what it sees (or, for
+an embedding, what it returns) by each active adapter's block-diagonal orthogonal matrix.
 
 Linear: the input is rotated, ``y = base(x BD)`` (several adapters: ``x BD_1 BD_2 ...``, in active order, as
 peft applies them). Conv2d: the flattened filters are rotated instead, ``y = conv(x, W BD^T)`` over the
@@ -150,11 +150,13 @@ class OFTLayer(nn.Module):
         """Undo every merge, last merged first: ``W = W' (BD^{-1})^T`` (block inverses)."""
         adapter_state.unmerge_adapters(self, self._unmerged_weight)
 
-    def _merged_weight(self, name: str, weight: Tensor, inverse: bool = False) -> Tensor:
+    def _blocks_for_merge(self, name: str, inverse: bool) -> Tensor:
         with torch.no_grad():
             R = self.adapters[name].blocks(dropout=False).float()
-        if inverse:
-            R = OF.inverse_blocks(R)
+        return OF.inverse_blocks(R) if inverse else R
+
+    def _merged_weight(self, name: str, weight: Tensor, inverse: bool = False) -> Tensor:
+        R = self._blocks_for_merge(name, inverse)
         wide = torch.promote_types(weight.dtype, torch.float32)
         flat = weight.reshape(weight.shape[0], -1).to(wide)
         return OF.rotate_weight(flat, R.to(wide)).reshape(weight.shape)
@@ -163,12 +165,39 @@ class OFTLayer(nn.Module):
         return self._merged_weight(name, weight, inverse=True)
 
 
+class OFTEmbeddingLayer(OFTLayer):
+    """OFT on an ``nn.Embedding``: each looked-up row is rotated, ``y = E[ids] BD`` (several adapters: in
+    active order, as peft applies them); merged, ``E' = E BD``. Saved as peft's ``oft_embedding_R``."""
+
+    checkpoint_kind = "oft_embedding"
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        dtype = out.dtype
+        for ad in self._run:
+            R = ad.blocks()
+            out = OF.rotate_input(out.to(R.dtype), R)
+        return out.to(dtype)
+
+    def merge(self, names: Optional[Sequence[str]] = None, safe: bool = False) -> None:
+        """Fold rotations into the table, ``E' = E BD``, in order (the first acts first, as in the forward)."""
+        adapter_state.merge_adapters(self, names, safe, self._merged_weight)
+
+    def _merged_weight(self, name: str, weight: Tensor, inverse: bool = False) -> Tensor:
+        R = self._blocks_for_merge(name, inverse)
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        return OF.rotate_input(weight.to(wide), R.to(wide))
+
+
+
 def is_linear(module: nn.Module) -> bool:
     """What ``"all-linear"`` selects for OFT: ``nn.Linear`` (peft's OFT has no Conv1D layer)."""
     return isinstance(module, nn.Linear)
 
 
 def wrap_module(module: nn.Module) -> OFTLayer:
+    if isinstance(module, nn.Embedding):
+        return OFTEmbeddingLayer(module)
     if isinstance(module, nn.Linear):
         return OFTLayer(module)
     if isinstance(module, nn.Conv2d):
@@ -180,5 +209,5 @@ def wrap_module(module: nn.Module) -> OFTLayer:
         if k[0] != k[1]:
             raise TypeError(f"OFT on Conv2d needs a square kernel, got {tuple(k)} (as peft sizes its blocks)")
         return OFTLayer(module)
-    raise TypeError(f"OFT does not support modules of type {type(module).__name__}; supported: torch.nn.Linear "
-                    "and torch.nn.Conv2d")
+    raise TypeError(f"OFT does not support modules of type {type(module).__name__}; supported: torch.nn.Linear, "
+                    "torch.nn.Conv2d and torch.nn.Embedding")

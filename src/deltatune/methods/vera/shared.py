@@ -15,6 +15,7 @@ module name repeats (the same config injected into a second model) or the pair h
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -55,8 +56,9 @@ class Projections(nn.Module):
         return f"seed={self.seed}, r={self.r}, layers={len(self.sizes)}, vera_A={shape}"
 
 
-#: The projections being filled by the current injection: ``(config, adapter name, Projections)``.
-_current: Optional[tuple[object, str, Projections]] = None
+#: The projections being filled by the current injection, weakly held (a model that is deleted takes its
+#: projections with it): ``(config, adapter name, Projections)``.
+_current: Optional[tuple[weakref.ref, str, weakref.ref]] = None
 
 
 def projections_for(config, adapter_name: str, module_name: str) -> Projections:
@@ -64,9 +66,10 @@ def projections_for(config, adapter_name: str, module_name: str) -> Projections:
     docstring for which calls share one)."""
     global _current
     if _current is not None:
-        cfg, name, proj = _current
-        if cfg is config and name == adapter_name and not proj.drawn and module_name not in proj.sizes:
-            return proj
+        cfg, name, ref = _current[0](), _current[1], _current[2]()
+        if cfg is config and name == adapter_name and ref is not None and not ref.drawn \
+                and module_name not in ref.sizes:
+            return ref
     proj = Projections(config.projection_prng_key, config.r)
-    _current = (config, adapter_name, proj)
+    _current = (weakref.ref(config), adapter_name, weakref.ref(proj))
     return proj
