@@ -23,10 +23,12 @@ from .methods.ia3 import IA3Config
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora import DoRAConfig, LoraConfig
+from .methods.oft import OFTConfig
 from .methods.p_tuning import PromptEncoderConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.trainable_tokens import TrainableTokensConfig
+from .methods.vera import VeraConfig
 from .model import PeftModel
 from .tasks import (
     PeftModelForCausalLM,
@@ -70,6 +72,7 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "OFTConfig",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
@@ -85,6 +88,7 @@ __all__ = [
     "TargetError",
     "TaskType",
     "TrainableTokensConfig",
+    "VeraConfig",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
