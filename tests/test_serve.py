@@ -32,11 +32,23 @@ def minilm_dir() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(gt.__file__)), "model")
 
 
+#: Built once per test session and shared by the serve test modules that import these fixtures: the
+#: MiniLM copies, the adapter root and the offline references (building them is most of these tests' time).
+_ONCE: dict = {}
+
+
 def minilm_classifier(num_labels: int = 5):
+    """A fresh MiniLM classifier (a copy of one loaded once; its head is seeded per size)."""
+    import copy
+
     from transformers import AutoModelForSequenceClassification, logging
 
-    logging.set_verbosity_error()
-    return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=num_labels).eval()
+    if num_labels not in _ONCE:
+        logging.set_verbosity_error()
+        torch.manual_seed(100 + num_labels)
+        _ONCE[num_labels] = AutoModelForSequenceClassification.from_pretrained(
+            minilm_dir(), num_labels=num_labels).eval()
+    return copy.deepcopy(_ONCE[num_labels])
 
 
 def save_adapter(folder: str, seed: int, num_labels: int = 5, **config) -> str:
@@ -58,7 +70,12 @@ def save_adapter(folder: str, seed: int, num_labels: int = 5, **config) -> str:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """An adapter root: two adapters (one a run folder with class names), and the bad ones."""
-    base = tmp_path_factory.mktemp("serve")
+    if "root" not in _ONCE:
+        _ONCE["root"] = _make_root(tmp_path_factory.mktemp("serve"))
+    return _ONCE["root"]
+
+
+def _make_root(base):
     root = base / "root"
     save_adapter(str(root / "run1" / "adapter"), seed=1)
     (root / "run1" / "metrics.json").write_text(json.dumps({"dataset": {"labels": LABELS}}))
@@ -114,8 +131,10 @@ def offline(adapter: str | None, texts: list[str]):
 
 @pytest.fixture(scope="module")
 def expected(root):
-    return {name: offline(path, TEXTS) for name, path in
-            (("base", None), ("a1", str(root / "run1" / "adapter")), ("a2", str(root / "two")))}
+    if "expected" not in _ONCE:
+        _ONCE["expected"] = {name: offline(path, TEXTS) for name, path in
+                             (("base", None), ("a1", str(root / "run1" / "adapter")), ("a2", str(root / "two")))}
+    return _ONCE["expected"]
 
 
 @contextlib.contextmanager

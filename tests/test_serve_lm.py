@@ -38,10 +38,18 @@ def char_tokenizer():
     return tok
 
 
+_ONCE: dict = {}  # the model folder and references, built once for the modules that import the fixtures
+
+
 @pytest.fixture(scope="module")
 def lm(llama64_dir, tmp_path_factory):
     """(model folder with tokenizer, adapter root with adapters one/two/three, tokenizer)."""
-    base = tmp_path_factory.mktemp("serve_lm")
+    if "lm" not in _ONCE:
+        _ONCE["lm"] = _make_lm(llama64_dir, tmp_path_factory.mktemp("serve_lm"))
+    return _ONCE["lm"]
+
+
+def _make_lm(llama64_dir, base):
     model_dir = base / "llama"
     shutil.copytree(llama64_dir, model_dir)
     tok = char_tokenizer()
