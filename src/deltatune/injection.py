@@ -29,10 +29,23 @@ def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
         yield full, child
         if not isinstance(child, stop):
             yield from iter_modules(child, full)
-        # Layers nested in a layer (one per targeted parameter of one module) are layers of their own.
-        while isinstance(child, layers) and isinstance(child._modules.get("base_layer"), layers):
-            child, full = child._modules["base_layer"], f"{full}.base_layer"
-            yield full, child
+        if isinstance(child, layers):
+            yield from _inner_layers(child, full, layers)
+
+
+def _inner_layers(layer: nn.Module, full: str, layers: tuple) -> Iterator[tuple[str, nn.Module]]:
+    """Adapter layers inside an adapter layer's base (one per targeted parameter of one module, or the
+    ``out_proj`` of an adapted ``nn.MultiheadAttention``): layers of their own, under their full names."""
+    base = layer._modules.get("base_layer")
+    if base is None:
+        return
+    if isinstance(base, layers):
+        yield f"{full}.base_layer", base
+        yield from _inner_layers(base, f"{full}.base_layer", layers)
+        return
+    for name, module in base.named_modules(prefix=f"{full}.base_layer"):
+        if isinstance(module, layers):
+            yield name, module
 
 
 def adapter_layers(model: nn.Module, layer_cls: type | tuple = ()) -> Iterator[tuple[str, nn.Module]]:
@@ -303,7 +316,7 @@ def add_modules_to_save(model: nn.Module, entries: Sequence[str] | None, adapter
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter everywhere; layers left without adapters go back to their base module."""
-    for name, layer in list(adapter_layers(model)):
+    for name, layer in reversed(list(adapter_layers(model))):  # (nested layers before the layer holding them)
         if adapter_name in layer.adapters:
             layer.delete_adapter(adapter_name)
             if not layer.adapters:
@@ -317,7 +330,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 def unwrap(model: nn.Module, keep_saved_copies: bool = False) -> nn.Module:
     """Replace every adapter layer by its base layer and every modules_to_save wrapper by the
     module that currently runs (``keep_saved_copies``) or by the original."""
-    for name, layer in list(adapter_layers(model)):
+    for name, layer in reversed(list(adapter_layers(model))):  # (nested layers before the layer holding them)
         set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(saved_module_wrappers(model)):
         set_submodule(model, name, wrapper.current() if keep_saved_copies else wrapper.original_module)

@@ -150,6 +150,8 @@ class LoraLayer(nn.Module):
         self.rows = None  # a mixed batch's RowPlan, for the duration of that call (see route_rows)
 
     weight = property(adapter_state.base_weight)
+    # (code reading a wrapped layer's bias, nn.MultiheadAttention reading its out_proj's, sees the base's)
+    bias = property(lambda self: getattr(self.base_layer, "bias", None))
     set_disabled = adapter_state.set_disabled
     _refresh = adapter_state.refresh
 

@@ -8,6 +8,7 @@ from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .layer import LoraLayer, _conv1d_type
 from .linear import LoraLinear
+from .mha import LoraMultiheadAttention
 
 
 def wrap_module(module: nn.Module) -> LoraLayer:
@@ -21,7 +22,9 @@ def wrap_module(module: nn.Module) -> LoraLayer:
         return LoraEmbedding(module)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return LoraConv(module)
+    if isinstance(module, nn.MultiheadAttention):
+        return LoraMultiheadAttention(module)
     raise TypeError(
         f"LoRA does not support modules of type {type(module).__name__}; supported: torch.nn.Linear, "
-        "torch.nn.Embedding, torch.nn.Conv1d/2d/3d and transformers' Conv1D"
+        "torch.nn.Embedding, torch.nn.Conv1d/2d/3d, torch.nn.MultiheadAttention and transformers' Conv1D"
     )
