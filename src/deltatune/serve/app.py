@@ -8,7 +8,6 @@ import contextlib
 import hmac
 import logging
 import time
-from typing import Optional
 
 import torch
 from fastapi import Depends, FastAPI, Request
