@@ -155,6 +155,14 @@ def test_training_changes_only_the_listed_rows(tied):
         assert torch.equal(merged.lm_head.weight[IDS], rows) and torch.equal(merged.lm_head.weight[others],
                                                                              original[others])
     torch.testing.assert_close(_out(merged), _out(model), rtol=0, atol=1e-5)
+    if tied:  # a merge gives the head and the embedding their own weights: a later adapter still ties them
+        model.merge_adapter()
+        model.unmerge_adapter()
+        assert inner.lm_head.base_layer.weight is not emb.base_layer.weight
+        for twin in (model, copy.deepcopy(model)):
+            twin.add_adapter("second", TrainableTokensConfig(token_indices=[50], target_modules=targets))
+            twin_inner = twin.base_model.model
+            assert twin_inner.lm_head.tied_to(twin_inner.transformer.wte, "second")
 
 
 def test_training_matches_peft_step_for_step():
