@@ -409,7 +409,7 @@ def table(rows: list[tuple]) -> str:
         if peft_value is None:  # peft refuses the case
             lines.append(f"| {name} | {dt_value:.3f} | refused | |")
             continue
-        ratio = "" if name.startswith("(") else f"{dt_value / peft_value:.2f}"
+        ratio = "" if name.startswith("(") and "/" not in name else f"{dt_value / peft_value:.2f}"
         lines.append(f"| {name} | {dt_value:.3f} | {peft_value:.3f} | {ratio} |")
     return "\n".join(lines)
 

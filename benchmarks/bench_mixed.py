@@ -52,6 +52,8 @@ def group_mixed(rounds: int) -> list[tuple]:
     base = bench.llama().eval()
     models = {lib: _many(lib, 32) for lib in ("deltatune", "peft")}
     rows = []
+    r = _ratios(base, models, bench.batch(4, 1), None, rounds, reps=20)  # context: one active adapter
+    rows.append(("(one active adapter, no adapter_names) decode / base decode (4x1, eval)", r["deltatune"], r["peft"]))
     r = _ratios(base, models, bench.batch(4, 1), [f"a{i}" for i in range(4)], rounds, reps=20)
     rows.append(("mixed decode, 4 adapters / base decode (4x1, eval)", r["deltatune"], r["peft"]))
     r = _ratios(base, models, bench.batch(32, 64), [f"a{i % 8}" for i in range(32)], rounds, reps=2)

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import injection, merging
-from .registry import PromptMethod, get_method
+from .registry import PromptMethod, adapter_layer_types, get_method
 
 #: The name of a row that runs through the base model alone.
 BASE = "__base__"
@@ -104,12 +103,12 @@ def check(peft_model, names, batch: Optional[int]) -> tuple[str, ...]:
     if peft_model._active_prompt() is not None:
         raise ValueError(f"the active adapter {peft_model._active_prompt()!r} is a prompt-learning adapter: "
                          f"set_adapter to a layer adapter before passing adapter_names")
-    model = peft_model.base_model.model
-    if merging.has_merged(model):
+    layers, routable = _modules(peft_model.base_model.model)
+    if any(getattr(layer, "merged_adapters", None) for layer in layers):
         raise ValueError("adapter_names: the model has merged adapters, which would apply to every row; "
                          "unmerge_adapter() first")
     wanted = set(names) - {BASE}
-    for module_name, layer in injection.adapter_layers(model):
+    for layer in layers:
         if getattr(layer, "disabled", False):
             raise ValueError("adapter_names inside disable_adapter(): every row would run the base model")
         if callable(getattr(layer, "route_rows", None)):
@@ -120,22 +119,29 @@ def check(peft_model, names, batch: Optional[int]) -> tuple[str, ...]:
             raise ValueError(f"adapter {held[0]!r} ({kind}) cannot run in a mixed-adapter batch: {kind} layers "
                              f"do not route rows (LoRA and DoRA adapters do)")
         if layer._run:
-            raise ValueError(f"layer {module_name!r} runs active adapters of a method that cannot route rows; "
+            name = next(n for n, m in peft_model.base_model.model.named_modules() if m is layer)
+            raise ValueError(f"layer {name!r} runs active adapters of a method that cannot route rows; "
                              f"they would apply to every row. set_adapter to a LoRA adapter first")
     return names
 
 
-def _routed_modules(model: nn.Module) -> Iterator[nn.Module]:
-    for _, module in injection.iter_modules(model):
-        if callable(getattr(module, "route_rows", None)):
-            yield module
+def _modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The model's adapter layers, and the modules that route rows (one pass: this runs per call)."""
+    layer_types = adapter_layer_types()
+    layers, routable = [], []
+    for module in model.modules():
+        if isinstance(module, layer_types):
+            layers.append(module)
+        if callable(getattr(type(module), "route_rows", None)):  # (a class lookup: no nn.Module.__getattr__)
+            routable.append(module)
+    return layers, routable
 
 
 @contextlib.contextmanager
 def routed(peft_model, names, batch: Optional[int]):
     """Context manager: route the rows of the calls inside it by ``names`` (checked first, see :func:`check`)."""
     plan = RowPlan(check(peft_model, names, batch))
-    modules = list(_routed_modules(peft_model.base_model.model))
+    modules = _modules(peft_model.base_model.model)[1]
     for m in modules:
         m.route_rows(plan)
     try:
