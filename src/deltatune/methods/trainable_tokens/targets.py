@@ -14,7 +14,7 @@ Two kinds of functions:
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
 from torch import nn
 
@@ -23,6 +23,7 @@ from .layer import TrainableTokensLayer, embedding_of, remember
 
 #: peft's fallback when a model has no ``get_input_embeddings``.
 DEFAULT_EMBEDDING_NAME = "embed_tokens"
+
 
 def _plain(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, TrainableTokensLayer) else module
