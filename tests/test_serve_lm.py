@@ -249,3 +249,19 @@ def test_a_client_leaving_a_stream_stops_its_sequence(lm):
         steps = server.worker.steps
         time.sleep(0.2)
         assert server.worker.steps == steps < 1000  # nothing runs on for the client that left
+
+
+def test_lru_generation_no_adapter_starves(lm, expected):
+    """One device slot, a stream of requests for one adapter and one for another: both get answered,
+    each equal to offline (the second waits for the running set to drain, then reloads)."""
+    cfg = config(lm, max_loaded_adapters=1, max_wait_ms=1)
+    cfg.adapters = []
+    with running(cfg) as (url, server), httpx.Client(base_url=url, timeout=60) as client:
+        for name in ("one", "two"):
+            assert client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": name}).status_code == 200
+        jobs = ["one"] * 6 + ["two"] + ["one"] * 6
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(lambda m: (m, complete(client, m, PROMPTS[1])), jobs))
+        for model, r in got:
+            assert r.json()["choices"][0]["text"] == expected[model][1][0]
+        assert len(server.host.loaded) == 1

@@ -116,19 +116,18 @@ class Scheduler:
                 self._step(running)
 
     def _admit(self) -> None:
-        """Move waiting sequences into the running set (queue order, up to the first control item)."""
+        """Move waiting sequences into the running set, in queue order, up to the first control item or
+        the first sequence whose adapter has no device slot next to the running ones: that one waits for
+        the running set to drain, and nothing behind it overtakes it (no adapter starves)."""
         names = {s.adapter for s in self._running}
-        kept: deque = deque()
         while self._waiting and len(self._running) < self.max_batch and not isinstance(self._waiting[0], _Control):
-            seq = self._waiting.popleft()
-            if seq.cancelled:
-                continue
-            if seq.adapter in names or self.admits(names | {seq.adapter}):
+            seq = self._waiting[0]
+            if not seq.cancelled:
+                if seq.adapter not in names and not self.admits(names | {seq.adapter}):
+                    return
                 names.add(seq.adapter)
                 self._running.append(seq)
-            else:
-                kept.append(seq)
-        self._waiting.extendleft(reversed(kept))
+            self._waiting.popleft()
 
     def _step(self, running: list[GenSequence]) -> None:
         start = time.perf_counter()
