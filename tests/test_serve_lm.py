@@ -251,9 +251,9 @@ def test_a_client_leaving_a_stream_stops_its_sequence(lm):
         assert server.worker.steps == steps < 1000  # nothing runs on for the client that left
 
 
-def test_lru_generation_no_adapter_starves(lm, expected):
-    """One device slot, a stream of requests for one adapter and one for another: both get answered,
-    each equal to offline (the second waits for the running set to drain, then reloads)."""
+def test_generation_with_one_device_slot_serves_every_adapter(lm, expected):
+    """One device slot, concurrent requests for two adapters: all answered, each equal to offline
+    (a sequence waits for the running set to drain when its adapter has no slot, then reloads)."""
     cfg = config(lm, max_loaded_adapters=1, max_wait_ms=1)
     cfg.adapters = []
     with running(cfg) as (url, server), httpx.Client(base_url=url, timeout=60) as client:
