@@ -349,3 +349,16 @@ def test_attach_token_rows_equals_peft_lora_trainable_token_indices():
         attach_token_rows(named, {"embed_tokens": [3]}, "x")
     with pytest.raises(ValueError, match="matches 0 modules"):
         attach_token_rows(tiny_llama(), {"nothing": [1]}, "x")
+
+
+def test_generate_uses_the_rows():
+    """Greedy generation through the adapter equals generation by the merged model (and differs from the
+    base model's: the listed tokens' rows matter)."""
+    model = dt.get_peft_model(tiny_llama(), TrainableTokensConfig(token_indices=IDS, target_modules=["embed_tokens"]))
+    perturb_trainable(model, 6, 2.0)
+    prompt = torch.tensor([IDS])
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = model.generate(input_ids=prompt, **kwargs)
+    base = tiny_llama().generate(input_ids=prompt, **kwargs)
+    merged = copy.deepcopy(model).merge_and_unload().generate(input_ids=prompt, **kwargs)
+    assert torch.equal(out, merged) and not torch.equal(out, base)
