@@ -162,7 +162,7 @@ CASES = [  # (id, method, build, inputs, config kwargs)
     ("oft-share", "oft", tiny_llama, text_inputs, dict(oft_block_size=4, block_share=True, target_modules=LLAMA)),
     ("oft-coft", "oft", tiny_llama, text_inputs, dict(oft_block_size=8, coft=True, eps=0.05, target_modules=LLAMA,
                                                       num_cayley_neumann_terms=3)),
-    ("oft-bert-cls", "oft", tiny_bert_cls, text_inputs, dict(task_type="SEQ_CLS", oft_block_size=16,
+    ("oft-bert-cls", "oft", tiny_bert_cls, text_inputs, dict(task_type="SEQ_CLS", oft_block_size=16, bias="all",
                                                              target_modules=["query", "value", "dense"])),
     ("oft-conv1x1", "oft", tiny_conv, conv_inputs, dict(oft_block_size=2, target_modules=["point", "head"])),
     ("oft-embedding", "oft", tiny_llama, text_inputs, dict(oft_block_size=8, target_modules=["embed_tokens", "o_proj"],
