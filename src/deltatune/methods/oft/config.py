@@ -22,7 +22,8 @@ class OFTConfig(PeftConfig):
             that does not divide that size is moved to the nearest one that does, with a warning (as peft).
         oft_block_size: Size ``b`` of each block (default 32; set it to 0 when giving ``r``).
         module_dropout: During training, this fraction of a layer's blocks is replaced by the identity
-            (multiplicative dropout), chosen at random per forward call.
+            (multiplicative dropout), chosen at random per forward call. (peft 0.21 creates this dropout but
+            never applies it: training with it differs from peft's; evaluation and checkpoints do not.)
         target_modules: Modules to adapt (list = name or ``.``-suffix, str = full regex, ``"all-linear"``).
         exclude_modules: Modules to skip.
         layers_to_transform: Only adapt layers with these indices.

@@ -189,7 +189,6 @@ class OFTEmbeddingLayer(OFTLayer):
         return OF.rotate_input(weight.to(wide), R.to(wide))
 
 
-
 def is_linear(module: nn.Module) -> bool:
     """What ``"all-linear"`` selects for OFT: ``nn.Linear`` (peft's OFT has no Conv1D layer)."""
     return isinstance(module, nn.Linear)
