@@ -11,8 +11,9 @@ import os
 import statistics
 import time
 
+from .chat import is_chat
 from .data import load_text_data
-from .options import RunOptions
+from .options import RunOptions, UsageError
 from .report import file_bytes, human_bytes
 from .train import RunFolder, is_main_process, load_tokenizer, model_dir, quiet_transformers, run_baseline, run_one
 
@@ -27,6 +28,9 @@ def _stat(values: list[float]) -> str:
 def ab_command(o: RunOptions) -> dict:
     quiet_transformers()
     data = load_text_data(o)
+    if is_chat(data.train):
+        raise UsageError("deltatune ab compares classification or plain-text runs; for chat data use "
+                         "deltatune train (it reports the untuned model next to the adapter)")
     base_path = model_dir(o)
     tokenizer = load_tokenizer(base_path)
     metric = "eval_accuracy" if o.task == "seq-cls" else "eval_perplexity"

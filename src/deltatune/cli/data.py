@@ -7,7 +7,9 @@ lines do not count, and trailing whitespace on a line is dropped.
 
 The bundled set (``data/support_intents_*.jsonl``, 300 train / 100 test short customer-support messages
 in five intent classes) was written for deltatune from templates by ``scripts/make_dataset.py`` and is
-public domain (CC0-1.0). Its test sentences use phrasings absent from the training set.
+public domain (CC0-1.0). Its test sentences use phrasings absent from the training set. For
+``--task causal-lm`` the bundled set is the same sentences as chat rows (``data/support_intents_chat_*``,
+see :mod:`.chat`); a JSONL file of ``{"messages": [...]}`` rows is a chat set too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .chat import check_chat_rows, is_chat
 from .options import RunOptions, UsageError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -101,9 +104,12 @@ def load_text_data(o: RunOptions) -> TextData:
             raise UsageError(f"{path}: a plain-text file has no labels; --task seq-cls needs JSONL or CSV with "
                              f"text and label columns (.txt is for --task causal-lm)")
     if o.data is None:
-        if o.task != "seq-cls":
-            raise UsageError("the bundled dataset is for --task seq-cls; pass --data for causal-lm")
-        train, test, train_name, test_name = read_rows(BUNDLED_TRAIN), read_rows(BUNDLED_TEST), str(BUNDLED_TRAIN), str(BUNDLED_TEST)
+        # causal-lm's bundled set is the same sentences as chat turns answered with the intent (chat.py).
+        from .chat import BUNDLED_CHAT_TEST, BUNDLED_CHAT_TRAIN
+
+        train_path, test_path = ((BUNDLED_TRAIN, BUNDLED_TEST) if o.task == "seq-cls"
+                                 else (BUNDLED_CHAT_TRAIN, BUNDLED_CHAT_TEST))
+        train, test, train_name, test_name = read_rows(train_path), read_rows(test_path), str(train_path), str(test_path)
     else:
         train, train_name = read_rows(o.data), o.data
         if o.test_data:
@@ -115,6 +121,13 @@ def load_text_data(o: RunOptions) -> TextData:
             if len(rows) - n_test < 1:
                 raise UsageError(f"data file {o.data!r} has too few rows ({len(rows)}) to split off a test set")
             test, train, test_name = rows[:n_test], rows[n_test:], o.data
+    if o.task == "causal-lm" and (is_chat(train) or is_chat(test)):
+        # Chat rows train on their last (assistant) turn; both files must be chat rows then.
+        for rows, name in ((train, train_name), (test, test_name)):
+            if not all("messages" in row for row in rows):
+                raise UsageError(f"{name}: mixes chat rows ('messages') with other rows; use one kind per run")
+            check_chat_rows(rows, name)
+        return TextData(train, test, [])
     _check_columns(train, train_name, needed)
     _check_columns(test, test_name, needed)
     labels: list[str] = []

@@ -97,3 +97,81 @@ def summary(m: dict, folder: str) -> str:
     lines.append(f"\nadapter: {share:.2f}% of the parameters, {human_bytes(a['file_bytes'])} on disk")
     lines.append(f"run folder: {folder} (adapter/, metrics.json, training.png, config.json)")
     return "\n".join(lines)
+
+
+def chat_metrics(o: RunOptions, data, base_path: str, adapter_dir: str, result, scores: dict,
+                 answer_seconds: float) -> dict:
+    """``metrics.json`` of a chat run: the untuned model and the adapter, each with held-out exact match,
+    ``names_answer`` (see :func:`.chat.score_answers`) and answer perplexity.
+
+    Args:
+        result: the adapter's ``FitResult`` (its ``before`` holds the untuned model's evaluation).
+        scores: ``{"untuned": ..., "adapter": ...}`` from :func:`.chat.score_answers`.
+        answer_seconds: time the untuned model took to answer the held-out prompts.
+    """
+    def perplexity(evaluation: dict) -> Optional[float]:
+        return evaluation.get("eval_perplexity")
+
+    adapter = _run_entry(result)
+    adapter["final"].update({f"eval_{k}": v for k, v in scores["adapter"].items()})
+    adapter["file_bytes"] = file_bytes(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    adapter["steps"] = result.steps
+    untuned = {"name": "untuned", "trainable_params": 0, "answer_seconds": round(answer_seconds, 2),
+               "final": {"eval_perplexity": perplexity(result.before),
+                         **{f"eval_{k}": v for k, v in scores["untuned"].items()}}}
+    return {
+        "task": o.task, "method": o.method, "model": base_path, "chat": True,
+        "dataset": {"train": len(data.train), "test": len(data.test), "labels": [],
+                    "source": o.data or "bundled support-intents (chat)"},
+        "baseline": untuned,
+        "adapter": adapter,
+        "full_model": {"params": result.total_params, "file_bytes": model_weight_bytes(base_path)},
+    }
+
+
+def chat_summary(m: dict, folder: str) -> str:
+    """The printed table of a chat run: untuned model, adapter, full model."""
+    rows = [("run", "held-out exact match", "names the answer", "answer perplexity", "trainable params",
+             "file size", "train time")]
+    for entry, name, size, seconds in ((m["baseline"], "untuned model", "-", "-"),
+                                       (m["adapter"], f"{m['method']} adapter", human_bytes(m["adapter"]["file_bytes"]),
+                                        f"{m['adapter']['train_seconds']:.1f}s")):
+        final = entry["final"]
+        ppl = final.get("eval_perplexity")
+        rows.append((name, f"{final['eval_exact_match']:.3f}", f"{final['eval_names_answer']:.3f}",
+                     "-" if ppl is None else f"{ppl:.3f}", f"{entry['trainable_params']:,}", size, seconds))
+    full = m["full_model"]
+    rows.append(("full model (reference)", "-", "-", "-", f"{full['params']:,}", human_bytes(full["file_bytes"]), "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    share = 100 * m["adapter"]["trainable_params"] / max(full["params"], 1)
+    lines.append(f"\nadapter: {share:.2f}% of the parameters, {human_bytes(m['adapter']['file_bytes'])} on disk")
+    lines.append(f"run folder: {folder} (adapter/, metrics.json, predictions.jsonl, training.png, config.json)")
+    return "\n".join(lines)
+
+
+def chat_plot(path: str, result, scores: dict) -> None:
+    """Training loss per logged step, and held-out answer perplexity per epoch (epoch 0: untuned), with
+    the exact match before and after in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if result.steps:
+        left.plot([s for s, _ in result.steps], [l for _, l in result.steps], marker=".", label=result.name)
+    epochs = [0] + [row["epoch"] for row in result.history]
+    values = [result.before.get("eval_perplexity")] + [row.get("eval_perplexity") for row in result.history]
+    right.plot(epochs, values, marker="o", label=result.name)
+    left.set(title="training loss (answer tokens)", xlabel="step", ylabel="loss")
+    right.set(title=f"held-out answer perplexity; exact match {scores['untuned']['exact_match']:.2f} -> "
+                    f"{scores['adapter']['exact_match']:.2f}", xlabel="epoch (0: untuned)", ylabel="perplexity")
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -39,7 +39,15 @@ def embedded_model_dir() -> str:
 
 
 def model_dir(o: RunOptions) -> str:
-    return o.model or embedded_model_dir()
+    """The base model folder: ``--model``, else the embedded model of the task (MiniLM-L6 for
+    classification, SmolLM2-135M-Instruct for causal-lm, converted from its GGUF file on first use)."""
+    if o.model:
+        return o.model
+    if o.task == "causal-lm":
+        from .embedded_lm import smollm2_dir
+
+        return smollm2_dir()
+    return embedded_model_dir()
 
 
 def load_tokenizer(path: str):
@@ -95,6 +103,8 @@ class FitResult:
     seconds: float = 0.0
     trainable_params: int = 0
     total_params: int = 0
+    steps: list = field(default_factory=list)  # (step, training loss) when logged per step (chat runs)
+    before: dict = field(default_factory=dict)  # the Trainer's evaluation before training, when asked for
 
 
 def world_size() -> int:
@@ -105,8 +115,16 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str, name: str) -> FitResult:
-    """Train ``model`` (its trainable parameters) with the Trainer; evaluate after every epoch."""
+def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str, name: str,
+        datasets: tuple | None = None, evaluate_first: bool = False) -> FitResult:
+    """Train ``model`` (its trainable parameters) with the Trainer; evaluate after every epoch.
+
+    Args:
+        datasets: ``(train, test, collator)`` to use instead of encoding ``data`` as plain text (chat
+            runs); the training loss is then also logged about ten times per epoch, for the plot.
+        evaluate_first: also evaluate once before training (``FitResult.before``): for an adapter that
+            starts as the identity, that is the untuned model's score.
+    """
     from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
@@ -120,14 +138,19 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
 
     if o.batch_size % world_size():
         raise UsageError(f"--batch-size {o.batch_size} must be divisible by the {world_size()} processes")
-    train = EncodedDataset(data.train, tokenizer, o.max_length, data.labels)
-    test = EncodedDataset(data.test, tokenizer, o.max_length, data.labels)
-    collator = (DataCollatorWithPadding(tokenizer) if o.task == "seq-cls"
-                else DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    if datasets is not None:
+        train, test, collator = datasets
+    else:
+        train = EncodedDataset(data.train, tokenizer, o.max_length, data.labels)
+        test = EncodedDataset(data.test, tokenizer, o.max_length, data.labels)
+        collator = (DataCollatorWithPadding(tokenizer) if o.task == "seq-cls"
+                    else DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    steps_per_epoch = math.ceil(len(train) / o.batch_size)
     args = TrainingArguments(
         output_dir=os.path.join(workdir, "trainer", name), per_device_train_batch_size=o.batch_size // world_size(),
         per_device_eval_batch_size=64, num_train_epochs=o.epochs, learning_rate=lr, seed=o.seed, data_seed=o.seed,
-        eval_strategy="epoch", logging_strategy="epoch", save_strategy="no", report_to=[], label_names=["labels"],
+        eval_strategy="epoch", save_strategy="no",
+        logging_strategy="epoch" if datasets is None else "steps", logging_steps=max(1, steps_per_epoch // 10), report_to=[], label_names=["labels"],
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), ddp_find_unused_parameters=False,
         ddp_backend="gloo" if world_size() > 1 and not torch.cuda.is_available() else None, dataloader_num_workers=0,
         disable_tqdm=not is_main_process(), warmup_steps=0, weight_decay=0.0,
@@ -144,12 +167,29 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
         print(f"\n== {name}: {o.epochs} epochs, lr {lr:g}, {len(train)} train / {len(test)} test examples ==")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    before = {}
+    if evaluate_first:
+        before = {k: v for k, v in trainer.evaluate().items() if k.startswith("eval_") and "per_second" not in k}
+        if "eval_loss" in before and o.task != "seq-cls":
+            before["eval_perplexity"] = math.exp(min(before["eval_loss"], 50))
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(gloo|barrier|find_unused_parameters).*")
         trainer.train()
     seconds = time.perf_counter() - start
-    return FitResult(name, _history(trainer.state.log_history, o.task), {}, seconds, trainable, total)
+    log = trainer.state.log_history
+    steps = [(entry["step"], entry["loss"]) for entry in log if "loss" in entry and "step" in entry]
+    if datasets is None:
+        return FitResult(name, _history(log, o.task), {}, seconds, trainable, total, steps, before)
+    # Logged per step: an epoch's training loss is the mean of the losses logged during it (a step
+    # logged at epoch 0.3 belongs to epoch 1, whose evaluation is logged at epoch 1.0).
+    history = _history([entry for entry in log if "loss" not in entry], o.task)
+    for row in history:
+        losses = [entry["loss"] for entry in log
+                  if "loss" in entry and row["epoch"] - 1 < entry.get("epoch", -1) <= row["epoch"]]
+        if losses:
+            row["train_loss"] = sum(losses) / len(losses)
+    return FitResult(name, history, {}, seconds, trainable, total, steps, before)
 
 
 class EpochPermutationSampler(torch.utils.data.Sampler):
@@ -280,14 +320,74 @@ def quiet_transformers() -> None:
 RUN_ONLY_KEYS = ("output", "overwrite", "seeds", "methods")
 
 
+def chat_command(o: RunOptions, data: TextData, tokenizer, base_path: str) -> dict:
+    """A chat run: the untuned model's held-out answers and answer perplexity, the adapter's training,
+    then the same two measures again, the adapter and the report (see :mod:`.chat`)."""
+    from . import advice, report
+    from .chat import (ChatCollator, ChatDataset, answer_token_budget, generate_answers, score_answers,
+                       takes_logits_to_keep)
+
+    train = ChatDataset(data.train, tokenizer, o.max_length)
+    test = ChatDataset(data.test, tokenizer, o.max_length)
+    budget = answer_token_budget(test)
+    references = test.answers
+    folder = RunFolder(o.output or default_output(o), o.overwrite)
+    with folder as workdir:
+        torch.manual_seed(o.seed)
+        model = get_peft_model(load_base_model(base_path, o.task, []), method_config(o, o.method, base_path))
+        answers = {}
+        if is_main_process():  # (generation needs no other process: only rank 0 scores)
+            print(f"\n== untuned model: answering {len(test)} held-out prompts ==")
+            start = time.perf_counter()
+            with model.disable_adapter():
+                answers["untuned"] = generate_answers(model, tokenizer, test.prompts, budget)
+            answer_seconds = time.perf_counter() - start
+        result = fit(model, o, data, tokenizer, o.lr, workdir, o.method,
+                     datasets=(train, test, ChatCollator(tokenizer.pad_token_id, takes_logits_to_keep(model))),
+                     evaluate_first=True)
+        if not is_main_process():
+            return {}
+        print(f"\n== {o.method} adapter: answering {len(test)} held-out prompts ==")
+        answers["adapter"] = generate_answers(model, tokenizer, test.prompts, budget)
+        scores = {name: score_answers(predicted, references) for name, predicted in answers.items()}
+        adapter_dir = os.path.join(workdir, "adapter")
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+        metrics = report.chat_metrics(o, data, base_path, adapter_dir, result, scores, answer_seconds)
+        metrics["warnings"] = advice.run_warnings(o.task, result.history, data.test, len(data.train), o.epochs,
+                                                  o.batch_size, o.lr)
+        if scores["adapter"]["exact_match"] <= scores["untuned"]["exact_match"]:
+            metrics["warnings"].append(
+                f"held-out exact match did not improve ({scores['untuned']['exact_match']:.3f} untuned -> "
+                f"{scores['adapter']['exact_match']:.3f}): try more epochs or a larger --lr (now {o.lr:g})")
+        with open(os.path.join(workdir, "predictions.jsonl"), "w", encoding="utf-8") as fh:
+            for row, reference, before, after in zip(data.test, references, answers["untuned"], answers["adapter"]):
+                question = row["messages"][-2]["content"]
+                fh.write(json.dumps({"question": question, "reference": reference, "untuned": before,
+                                     "adapter": after}, ensure_ascii=False) + "\n")
+        with open(os.path.join(workdir, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh, indent=2)
+        repeatable = {k: v for k, v in o.to_dict().items() if k not in RUN_ONLY_KEYS}
+        with open(os.path.join(workdir, "config.json"), "w") as fh:
+            json.dump(repeatable, fh, indent=2)
+        report.chat_plot(os.path.join(workdir, "training.png"), result, scores)
+    print(report.chat_summary(metrics, folder.final))
+    for warning in metrics["warnings"]:
+        print(f"deltatune: warning: {warning}", file=sys.stderr)
+    return metrics
+
+
 def train_command(o: RunOptions) -> dict:
     """The whole job: baseline, adapter run, adapter save, metrics, plot, resolved config."""
     from . import advice, report
+    from .chat import is_chat
 
     quiet_transformers()
     data = load_text_data(o)
     base_path = model_dir(o)
     tokenizer = load_tokenizer(base_path)
+    if is_chat(data.train):
+        return chat_command(o, data, tokenizer, base_path)
     folder = RunFolder(o.output or default_output(o), o.overwrite)
     with folder as workdir:
         baseline = run_baseline(o, data, tokenizer, base_path, workdir) if o.baseline and o.task == "seq-cls" else None
