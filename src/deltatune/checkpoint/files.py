@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..config import CONFIG_NAME, PeftConfig
+from ..config import CONFIG_NAME, ConfigError, PeftConfig
 from ..fileio import atomic_write_bytes, staged_folder
 from .convert import convert_to_plain_lora
 from .errors import CheckpointError
@@ -75,11 +75,37 @@ def read_adapter(model_id: str, subfolder: Optional[str] = None, revision: Optio
     is given), its weights with ``key_mapping`` applied, on ``torch_device`` (default: the CPU; peft's
     argument: where the file's tensors are put before they are copied into the model)."""
     directory = resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
-    config = config or PeftConfig.from_pretrained(directory)
+    config = config or _read_config(directory)
     weights = rename_keys(read_adapter_weights(directory), key_mapping)
+    _check_rank(config, weights, directory)
     if torch_device is not None:
         weights = {k: v.to(torch_device) for k, v in weights.items()}
     return AdapterFiles(directory, config, weights)
+
+
+def _read_config(directory: str):
+    """The folder's config; a file whose fields break the config's own checks (say ``"rank_pattern":
+    null``) is a :class:`ConfigError` naming the file, like every other bad field."""
+    try:
+        return PeftConfig.from_pretrained(directory)
+    except (ValueError, TypeError, OSError):  # (they say what is wrong already)
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{os.path.join(directory, CONFIG_NAME)} is not a valid adapter config "
+                          f"({type(exc).__name__}: {exc})") from exc
+
+
+def _check_rank(config, weights: dict[str, Tensor], directory: str) -> None:
+    """Refuse a LoRA config whose ``r`` no ``lora_A`` tensor of the file has (e.g. a hand-edited
+    ``"r": 2147483648``) before the model is touched: building the layers would first try to allocate
+    tensors of that rank. (With a ``rank_pattern`` ranks differ per module; the load checks each shape.)"""
+    r = getattr(config, "r", None)
+    if getattr(config.peft_type, "value", None) != "LORA" or not isinstance(r, int) or config.rank_pattern:
+        return
+    ranks = sorted({int(t.shape[0]) for k, t in weights.items() if k.endswith(".lora_A.weight") and t.dim()})
+    if ranks and r not in ranks:
+        raise CheckpointError(f"{os.path.join(directory, CONFIG_NAME)} says r={r}, but the lora_A tensors of "
+                              f"{SAFETENSORS_NAME} have rank {ranks[0] if len(ranks) == 1 else ranks}; nothing was loaded")
 
 
 MODEL_CARD_NAME = "README.md"
