@@ -10,7 +10,13 @@ once and is deep-copied once with its model; its buffers are not persistent (the
 weights and never enter a checkpoint; see ``VeraConfig.save_projection``).
 
 Which calls form one injection: consecutive calls for the same config object and adapter name, until a
-module name repeats (the same config injected into a second model) or the pair has been drawn.
+module name repeats (the same config injected into a second model) or the pair has been drawn. (Limit: one
+config object injected into two models with disjoint module names, with no forward in between, would size
+one pair over both.)
+
+Several adapters: peft's later VeRA adapters reuse the first adapter's pair; here each adapter draws its own
+from its own config and targets, which is the same pair when ``r``, the seed and the largest sizes agree
+(peft needs equal ``r`` anyway), and otherwise what loading that adapter alone gives in either library.
 """
 
 from __future__ import annotations
