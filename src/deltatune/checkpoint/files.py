@@ -3,6 +3,7 @@ atomically, read them back (safetensors, or a ``.bin`` loaded with ``weights_onl
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple, Optional
 
@@ -77,7 +78,7 @@ def read_adapter(model_id: str, subfolder: Optional[str] = None, revision: Optio
     directory = resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
     config = config or _read_config(directory)
     weights = rename_keys(read_adapter_weights(directory), key_mapping)
-    _check_rank(config, weights, directory)
+    _check_numbers(config, weights, directory)
     if torch_device is not None:
         weights = {k: v.to(torch_device) for k, v in weights.items()}
     return AdapterFiles(directory, config, weights)
@@ -95,12 +96,19 @@ def _read_config(directory: str):
                           f"({type(exc).__name__}: {exc})") from exc
 
 
-def _check_rank(config, weights: dict[str, Tensor], directory: str) -> None:
-    """Refuse a LoRA config whose ``r`` no ``lora_A`` tensor of the file has (e.g. a hand-edited
+def _check_numbers(config, weights: dict[str, Tensor], directory: str) -> None:
+    """Refuse a LoRA config with a non-finite ``lora_alpha`` (JSON ``NaN``/``Infinity``; the config's own
+    ``> 0`` check lets NaN through) or whose ``r`` no ``lora_A`` tensor of the file has (e.g. a hand-edited
     ``"r": 2147483648``) before the model is touched: building the layers would first try to allocate
     tensors of that rank. (With a ``rank_pattern`` ranks differ per module; the load checks each shape.)"""
+    if getattr(config.peft_type, "value", None) != "LORA":
+        return
+    alphas = [config.lora_alpha, *dict(config.alpha_pattern or {}).values()]
+    if not all(isinstance(a, (int, float)) and math.isfinite(a) for a in alphas):
+        raise ConfigError(f"{os.path.join(directory, CONFIG_NAME)}: lora_alpha/alpha_pattern must be finite "
+                          f"numbers, got {alphas[:4]}; nothing was loaded")
     r = getattr(config, "r", None)
-    if getattr(config.peft_type, "value", None) != "LORA" or not isinstance(r, int) or config.rank_pattern:
+    if not isinstance(r, int) or config.rank_pattern:
         return
     ranks = sorted({int(t.shape[0]) for k, t in weights.items() if k.endswith(".lora_A.weight") and t.dim()})
     if ranks and r not in ranks:
