@@ -90,15 +90,16 @@ def test_loss_only_on_answer_tokens(chat_llama):
     assert item["labels"][:len("u:q?") + 2] == [IGNORE_INDEX] * (len("u:q?") + 2)  # (</s> is one token)
 
 
-def test_left_padded_batch_with_kept_logits_gives_the_unpadded_loss():
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])  # rotary positions, and learnt absolute ones
+def test_left_padded_batch_with_kept_logits_gives_the_unpadded_loss(architecture):
     """Left padding + position_ids + logits_to_keep: the same loss as each row alone, token-weighted."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import tiny_llama
+    from conftest import tiny_gpt2_lm, tiny_llama
 
-    model = tiny_llama()
+    model = tiny_llama() if architecture == "llama" else tiny_gpt2_lm()
     items = [{"input_ids": [5, 6, 7, 8, 9, 10], "attention_mask": [1] * 6, "labels": [-100] * 4 + [9, 10]},
              {"input_ids": [5, 6, 7, 11, 12, 13, 14, 15], "attention_mask": [1] * 8, "labels": [-100] * 5 + [13, 14, 15]}]
     kept = ChatCollator(0, keep_logits=True)(items)
