@@ -145,9 +145,14 @@ def test_chat_run_end_to_end_on_a_tiny_llama(chat_llama, tmp_path, capsys):
     train = _chat_file(tmp_path / "train.jsonl", read_rows(BUNDLED_CHAT_TRAIN)[:16])
     test = _chat_file(tmp_path / "test.jsonl", read_rows(BUNDLED_CHAT_TEST)[:4])
     out = tmp_path / "run"
-    assert main(["train", "--task", "causal-lm", "--model", str(chat_llama), "--data", train, "--test-data", test,
-                 "--epochs", "2", "--batch-size", "8", "--max-length", "256", "--lr", "1e-2", "--r", "4",
-                 "--output", str(out)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--task", "causal-lm", "--model", str(chat_llama), "--data", train, "--test-data", test,
+                     "--epochs", "2", "--batch-size", "8", "--max-length", "256", "--lr", "1e-2", "--r", "4",
+                     "--threads", "1", "--output", str(out)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "untuned model" in printed and "held-out exact match" in printed
     metrics = json.loads((out / "metrics.json").read_text())
@@ -178,6 +183,11 @@ def test_bad_chat_rows_are_one_line_errors(row, message, chat_llama, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("deltatune: error:") and message in err[0]
     assert not out.exists()
+
+
+def test_bad_thread_count_is_a_one_line_error(capsys):
+    assert main(["train", "--task", "causal-lm", "--threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "deltatune: error: --threads must be an integer >= 1, got 0"
 
 
 def test_too_long_chat_rows_and_templateless_tokenizers_are_refused(chat_llama, tmp_path, capsys):

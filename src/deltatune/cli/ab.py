@@ -15,7 +15,8 @@ from .chat import is_chat
 from .data import load_text_data
 from .options import RunOptions, UsageError
 from .report import file_bytes, human_bytes
-from .train import RunFolder, is_main_process, load_tokenizer, model_dir, quiet_transformers, run_baseline, run_one
+from .train import (RunFolder, is_main_process, load_tokenizer, model_dir, quiet_transformers, run_baseline, run_one,
+                    use_threads)
 
 
 def _stat(values: list[float]) -> str:
@@ -27,6 +28,7 @@ def _stat(values: list[float]) -> str:
 
 def ab_command(o: RunOptions) -> dict:
     quiet_transformers()
+    use_threads(o)
     data = load_text_data(o)
     if is_chat(data.train):
         raise UsageError("deltatune ab compares classification or plain-text runs; for chat data use "

@@ -51,6 +51,7 @@ class RunOptions:
     baseline: bool = True
     output: Optional[str] = None
     overwrite: bool = False
+    threads: Optional[int] = None        # torch CPU threads; None = torch's default (one per core)
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # for `deltatune ab`
     methods: list = field(default_factory=lambda: ["lora", "dora"])  # for `deltatune ab`
 
@@ -106,6 +107,8 @@ def validate(o: RunOptions) -> None:
     for method in [o.method, *o.methods]:
         if method not in METHODS:
             raise UsageError(f"unknown method {method!r}; available: {list(METHODS)}")
+    if o.threads is not None and (not isinstance(o.threads, int) or o.threads < 1):
+        raise UsageError(f"--threads must be an integer >= 1, got {o.threads!r}")
     for name, low in (("r", 1), ("epochs", 1), ("batch_size", 1), ("max_length", 2)):
         value = getattr(o, name)
         if not isinstance(value, int) or value < low:
@@ -155,6 +158,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, single_run: bool = True) 
         a("--seed", type=int, help="random seed (default 0)")
     a("--output", help="run folder (default runs/<task>-<method>-<time>)")
     a("--overwrite", action="store_const", const=True, help="replace an existing run folder")
+    a("--threads", type=int, help="CPU threads for torch (default: one per core; on a machine busy with "
+                                  "other work, 1 can be several times faster)")
 
 
 def given_options(args: argparse.Namespace) -> set[str]:
