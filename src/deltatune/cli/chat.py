@@ -192,8 +192,10 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     """Greedy answers to token-id prompts, batched with left padding, decoded without special tokens."""
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from tqdm.auto import tqdm
+
     answers = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="answering", unit="batch", leave=False):
         chunk = prompts[start:start + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])
