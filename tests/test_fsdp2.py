@@ -56,6 +56,7 @@ def test_sharded_training_saves_the_one_process_adapter(runs):
     assert result["plain_complete_on_every_rank"]  # save_pretrained returned once rank 0 had written
     ref, init = _weights(out / "reference"), _weights(out / "init")
     assert _max_diff(_weights(out / "plain"), ref) <= TOL
+    assert _max_diff(_weights(out / "all_ranks_folder"), ref) <= TOL  # checkpoint.save_adapters, every rank
     assert _max_diff(ref, init) > 1e-3  # the adapter did train (a no-op training would also match)
     assert json.loads((out / "plain" / "adapter_config.json").read_text()) == \
         json.loads((out / "reference" / "adapter_config.json").read_text())
@@ -67,6 +68,7 @@ def test_full_state_dict_saved_on_rank0_alone(runs):
     assert max(result["full_from_peft_helper"].values()) == 0  # get_peft_model_state_dict(model, state_dict=full)
     # save_adapter (what save_pretrained runs per adapter) with the full state dict, called on rank 0 only
     assert _max_diff(_weights(out / "full_direct"), _weights(out / "reference")) <= TOL
+    assert _max_diff(_weights(out / "full_folder"), _weights(out / "reference")) <= TOL  # save_adapters
 
 
 @pytest.mark.xfail(strict=True, reason="PeftModel.save_pretrained (model.py) does not pass kwargs['state_dict'] on "

@@ -43,9 +43,34 @@ def test_killed_saves_leave_a_complete_adapter(killed, mode):
 
 def test_whole_folder_saves_never_mix_adapter_versions(killed):
     # save_pretrained writes each adapter in its own step, so a kill between two adapters can leave one
-    # adapter new and the other old (each complete; counted in killed["multi"]). Inside one staged_folder
-    # of the whole folder that never happens.
+    # adapter new and the other old (each complete; counted in killed["multi"]). checkpoint.save_adapters
+    # writes the whole folder in one step: that never happens.
     assert killed["whole"]["adapters_of_different_versions"] == 0
+
+
+def test_save_adapters_writes_what_save_pretrained_writes(tmp_path):
+    import torch
+
+    import deltatune as dt
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    config = dt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    model = dt.get_peft_model(tiny_llama(), config)
+    model.add_adapter("other", config.replace(r=3))
+    model.save_pretrained(str(tmp_path / "a"))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("the user's")  # kept
+    adapters = [(n, c.replace(inference_mode=True), None) for n, c in model.peft_config.items()]
+    dt.checkpoint.save_adapters(model, str(tmp_path / "b"), adapters)
+    a, b = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b")
+    assert b.pop("notes.txt") == b"the user's" and a == b
+    assert sorted(a) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                         "other/adapter_config.json", "other/adapter_model.safetensors"]
+
+
+def _tree_bytes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _tree(folder: Path) -> dict:

@@ -111,14 +111,17 @@ def sharded(out: str, method: str) -> None:
     gathered = {k: v.full_tensor() for k, v in shards.items()}
 
     model.save_pretrained(os.path.join(out, "plain"))  # every rank: gathered, rank 0 writes
+    saved_config = model.peft_config["default"].replace(inference_mode=True)
+    dt.checkpoint.save_adapters(model, os.path.join(out, "all_ranks_folder"), [("default", saved_config, None)])
     result["plain_complete_on_every_rank"] = os.path.isfile(os.path.join(out, "plain", "adapter_model.safetensors"))
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         result["save_pretrained_forwards_state_dict"] = forwards_state_dict(out, method)
         if result["save_pretrained_forwards_state_dict"]:  # (otherwise rank 0 would gather alone and hang)
             model.save_pretrained(os.path.join(out, "full"), state_dict=full)
+        dt.checkpoint.save_adapters(model, os.path.join(out, "full_folder"), [("default", saved_config, None)],
+                                    state_dict=full)
         # What save_pretrained(dir, state_dict=full) runs per adapter, called directly on rank 0 alone.
-        saved_config = model.peft_config["default"].replace(inference_mode=True)
         dt.checkpoint.save_adapter(model, "default", saved_config, os.path.join(out, "full_direct"), state_dict=full)
         result["full_from_peft_helper"] = {
             k: float((v - gathered[k]).abs().max()) for k, v in dt.get_peft_model_state_dict(model, state_dict=full).items()}

@@ -4,7 +4,8 @@ Usage: ``python kill_saves.py OUT MODES KILLS SEED`` with MODES a comma-separate
 
 - ``single``: ``save_pretrained(dir, selected_adapters=["default"])``;
 - ``multi``: ``save_pretrained(dir)`` of two adapters (``default`` at the root, ``other`` in a sub-folder);
-- ``whole``: the same two-adapter save inside one :func:`deltatune.fileio.staged_folder` of the whole folder.
+- ``whole``: the same two adapters through :func:`deltatune.checkpoint.save_adapters` (one atomic step for
+  the whole folder), called as ``save_pretrained`` would call it.
 
 This process imports everything and builds two versions of a model once (version 0: rank 4, version 1:
 rank 8 and other values); per mode it saves version 0, then ``KILLS`` times forks a child that saves
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import deltatune as dt  # noqa: E402
 from conftest import tiny_llama  # noqa: E402
-from deltatune.fileio import staged_folder  # noqa: E402
+from deltatune.checkpoint import save_adapters  # noqa: E402
 
 
 def build(version: int) -> dt.PeftModel:
@@ -48,8 +49,8 @@ def save(model: dt.PeftModel, folder: str, mode: str) -> None:
     elif mode == "multi":
         model.save_pretrained(folder)
     else:
-        with staged_folder(folder) as staged:
-            model.save_pretrained(staged)
+        adapters = [(n, c.replace(inference_mode=True), None) for n, c in model.peft_config.items()]
+        save_adapters(model, folder, adapters)
 
 
 def read_version(folder: str, expected: list[dict]) -> object:

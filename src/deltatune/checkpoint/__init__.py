@@ -32,6 +32,7 @@ from .files import (
     resolve_adapter_dir,
     save_adapter,
     save_adapter_folder,
+    save_adapters,
     write_model_card,
 )
 from .keys import (ROOT, adapted_module_names, adapter_tensors, from_peft_keys, rename_keys, saved_tensors,
@@ -43,5 +44,5 @@ __all__ = [
     "save_adapter_folder", "read_adapter_weights", "rename_keys", "resolve_adapter_dir", "atomic_write_bytes",
     "iter_modules", "HUB_KWARGS", "PICKLE_NAME", "ROOT", "SAFETENSORS_NAME", "convert_to_plain_lora",
     "from_peft_keys", "save_adapter", "to_peft_keys", "warn_missing", "write_model_card", "read_adapter", "AdapterFiles", "without_wrappers",
-    "saved_tensors", "values_from_state_dict",
+    "saved_tensors", "values_from_state_dict", "save_adapters",
 ]

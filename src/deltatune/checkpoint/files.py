@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import CONFIG_NAME, ConfigError, PeftConfig
-from ..fileio import atomic_write_bytes, staged_folder
+from ..fileio import atomic_write, atomic_write_bytes, staged_folder
 from .convert import convert_to_plain_lora
 from .errors import CheckpointError
 from .keys import rename_keys, saved_tensors, state_dict_for_save
@@ -39,27 +39,67 @@ def save_adapter(model: nn.Module, adapter_name: str, config, directory: str, in
     On a sharded model without ``state_dict`` every rank must call this: the shards are gathered, rank 0
     writes, and every rank returns once the folder is complete.
     """
-    bias = getattr(config, "bias", "none")
-    gathered = state_dict is None and any_sharded(saved_tensors(model, adapter_name, bias).values())
-    tensors = state_dict_for_save(model, adapter_name, bias, state_dict)
-    if initial_dir is not None:
-        tensors, config = convert_to_plain_lora(tensors, read_adapter_weights(initial_dir), config)
+    tensors, config, gathered = _prepared(model, adapter_name, config, initial_dir, state_dict)
     if not gathered or writes_files():
         save_adapter_folder(directory, tensors, config)
     if gathered:
         wait_for_writer()
 
 
+def save_adapters(model: nn.Module, directory: str, adapters, base_name: Optional[str] = None,
+                  state_dict: Optional[dict[str, Tensor]] = None) -> None:
+    """Write several adapters of ``model`` into ``directory`` in one atomic step, as peft lays them out:
+    ``default`` at the root, the others in sub-folders named after them, and a model card.
+
+    Args:
+        adapters: ``(name, config, initial_dir)`` per adapter; ``config`` as it is to be saved,
+            ``initial_dir`` as in :func:`save_adapter` (or None).
+        base_name: The base model's name for the model card.
+        state_dict: As in :func:`save_adapter`.
+
+    A process killed at any moment leaves the folder as the previous save left it or as this one writes
+    it, never one adapter new and another old (:func:`deltatune.fileio.staged_folder`); a failed call
+    leaves it as it was. Sharded models: as :func:`save_adapter`.
+    """
+    prepared = [(name, *_prepared(model, name, config, initial, state_dict)) for name, config, initial in adapters]
+    gathered = any(p[3] for p in prepared)
+    if not gathered or writes_files():
+        os.makedirs(directory, exist_ok=True)
+        with staged_folder(directory) as staged:
+            for name, tensors, config, _ in prepared:
+                _write_pair(staged if name == "default" else os.path.join(staged, name), tensors, config)
+            write_model_card(staged, base_name, [config for _, _, config, _ in prepared])
+    if gathered:
+        wait_for_writer()
+
+
+def _prepared(model: nn.Module, adapter_name: str, config, initial_dir: Optional[str], state_dict):
+    """``(tensors, config, gathered)`` of one adapter as it is to be written (``gathered``: from shards)."""
+    bias = getattr(config, "bias", "none")
+    gathered = state_dict is None and any_sharded(saved_tensors(model, adapter_name, bias).values())
+    tensors = state_dict_for_save(model, adapter_name, bias, state_dict)
+    if initial_dir is not None:
+        tensors, config = convert_to_plain_lora(tensors, read_adapter_weights(initial_dir), config)
+    return tensors, config, gathered
+
+
+def _write_pair(folder: str, tensors: dict[str, Tensor], config) -> None:
+    """The two files of one adapter, each renamed into place: in a staging folder a file may still be a
+    hard link to the old folder's file, which must be replaced, never written through."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, SAFETENSORS_NAME), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    config.save_pretrained(folder)
+
+
 def save_adapter_folder(directory: str, tensors: dict[str, Tensor], config) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory`` as one atomic
     step (:func:`deltatune.fileio.staged_folder`): the folder holds the old pair or the new one, never one
     file of each, whenever the process dies. Other entries of ``directory`` are kept."""
-    from safetensors.torch import save_file
-
     os.makedirs(directory, exist_ok=True)  # (as before: a failed first save leaves the folder, empty)
     with staged_folder(directory, replaced=(SAFETENSORS_NAME, CONFIG_NAME)) as staged:
-        save_file(tensors, os.path.join(staged, SAFETENSORS_NAME), metadata={"format": "pt"})
-        config.save_pretrained(staged)
+        _write_pair(staged, tensors, config)
 
 
 class AdapterFiles(NamedTuple):
@@ -190,4 +230,4 @@ def resolve_adapter_dir(path_or_id: str, subfolder: Optional[str] = None, revisi
 
 
 __all__ = ["HUB_KWARGS", "PICKLE_NAME", "SAFETENSORS_NAME", "read_adapter_weights", "resolve_adapter_dir",
-           "save_adapter", "save_adapter_folder"]
+           "save_adapter", "save_adapter_folder", "save_adapters"]
