@@ -10,7 +10,7 @@ scored by generating greedily from the prompt and comparing the answer with the 
 The bundled chat set (``data/support_intents_chat_*.jsonl``) is the bundled support-intents set turned
 into such rows by :func:`intent_chat_rows`: the user asks which of the five intents a customer-support
 message has, and the answer is the intent's name. It was written for deltatune, like the set it comes
-from, and is public domain (CC0-1.0).
+from, and is public domain (CC0-1.0); :func:`write_bundled_chat_set` regenerates it byte for byte.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def intent_chat_rows(rows: Iterable[dict], labels: list[str]) -> list[dict]:
         labels: every label, in the order the question lists them.
 
     Returns:
-        One ``{"messages": [user, assistant]}`` object per row, in order.
+        One ``{"messages": [system, user, assistant]}`` object per row, in order.
     """
     listed = ", ".join(labels[:-1]) + f" or {labels[-1]}" if len(labels) > 1 else labels[0]
     return [{"messages": [{"role": "system", "content": SYSTEM},
