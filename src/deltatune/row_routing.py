@@ -81,8 +81,9 @@ def batch_size(args: Sequence, kwargs: dict) -> Optional[int]:
     return None
 
 
-def check(peft_model, names, batch: Optional[int]) -> tuple[str, ...]:
-    """``names`` as a tuple, or a ValueError naming what is wrong with it for this model and batch."""
+def check(peft_model, names, batch: Optional[int], modules=None) -> tuple[str, ...]:
+    """``names`` as a tuple, or a ValueError naming what is wrong with it for this model and batch
+    (``modules``: the model's :func:`_modules`, when the caller has them)."""
     if isinstance(names, str) or not isinstance(names, Sequence) or not names:
         raise ValueError(f"adapter_names must be a non-empty list with one adapter name per row (or "
                          f"{BASE!r}), got {names!r}")
@@ -103,7 +104,7 @@ def check(peft_model, names, batch: Optional[int]) -> tuple[str, ...]:
     if peft_model._active_prompt() is not None:
         raise ValueError(f"the active adapter {peft_model._active_prompt()!r} is a prompt-learning adapter: "
                          f"set_adapter to a layer adapter before passing adapter_names")
-    layers, routable = _modules(peft_model.base_model.model)
+    layers, _ = modules or _modules(peft_model.base_model.model)
     if any(getattr(layer, "merged_adapters", None) for layer in layers):
         raise ValueError("adapter_names: the model has merged adapters, which would apply to every row; "
                          "unmerge_adapter() first")
@@ -126,22 +127,31 @@ def check(peft_model, names, batch: Optional[int]) -> tuple[str, ...]:
 
 
 def _modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """The model's adapter layers, and the modules that route rows (one pass: this runs per call)."""
+    """The model's adapter layers, and the modules that route rows. This runs per call, so it walks the
+    module tree itself: into an adapter layer only through its ``base_layer`` (where nested layers live),
+    never through its adapters (``model.modules()`` would visit every adapter of every layer)."""
     layer_types = adapter_layer_types()
-    layers, routable = [], []
-    for module in model.modules():
-        if isinstance(module, layer_types):
-            layers.append(module)
+    layers, routable, stack = [], [], [model]
+    while stack:
+        module = stack.pop()
         if callable(getattr(type(module), "route_rows", None)):  # (a class lookup: no nn.Module.__getattr__)
             routable.append(module)
+        if isinstance(module, layer_types):
+            layers.append(module)
+            base = module._modules.get("base_layer")
+            if base is not None:
+                stack.append(base)
+        elif not routable or routable[-1] is not module:  # (a routing wrapper's own copies hold no layers)
+            stack.extend(m for m in module._modules.values() if m is not None)
     return layers, routable
 
 
 @contextlib.contextmanager
 def routed(peft_model, names, batch: Optional[int]):
     """Context manager: route the rows of the calls inside it by ``names`` (checked first, see :func:`check`)."""
-    plan = RowPlan(check(peft_model, names, batch))
-    modules = _modules(peft_model.base_model.model)[1]
+    found = _modules(peft_model.base_model.model)
+    plan = RowPlan(check(peft_model, names, batch, found))
+    modules = found[1]
     for m in modules:
         m.route_rows(plan)
     try:

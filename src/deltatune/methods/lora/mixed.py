@@ -97,25 +97,29 @@ def _as_column(v: Tensor, B: Tensor) -> Tensor:
 
 def _stack(layer, names: tuple[str, ...], dtype: torch.dtype) -> Stack:
     """The no-grad stack, from the layer's cache while its tensors are unchanged."""
-    ads = [layer.adapters[n] for n in names]
-    scalings = tuple(ad.scaling for ad in ads)
-    if any(isinstance(s, Tensor) for s in scalings):  # (hot-swap scalings: no stamp that covers them)
-        return _build(layer, names, dtype)
-    tensors, rescales = [], False
-    for ad in ads:
+    # (Runs per layer per call: one plain loop over the adapters.)
+    mods = layer.adapters._modules
+    tensors, scalings, rescales = [], [], False
+    for n in names:
+        ad = mods[n]
         p = ad._parameters
-        tensors += (p["lora_A"], p["lora_B"])
-        if p["lora_B_bias"] is not None:
-            tensors.append(p["lora_B_bias"])
-        m = p["lora_magnitude_vector"]
-        if m is not None:
-            tensors.append(m)
+        scaling = ad.scaling
+        if scaling.__class__ is Tensor:  # (hot-swap scalings: no stamp that covers them)
+            return _build(layer, names, dtype)
+        scalings.append(scaling)
+        tensors.append(p["lora_A"])
+        tensors.append(p["lora_B"])
+        extra = p["lora_B_bias"]
+        if extra is not None:
+            tensors.append(extra)
+        extra = p["lora_magnitude_vector"]
+        if extra is not None:
+            tensors.append(extra)
             rescales = True
     if rescales:  # (DoRA's scale and shift also derive from the base weight and bias; LoRA's factors do not)
         base = layer.base_layer
         tensors += (base.weight, getattr(base, "bias", None))
-    key = ("mixed", names, dtype)
-    entry = layer.cache.lookup(key, tuple(tensors), scalings)
+    entry = layer.cache.lookup(("mixed", names, dtype), tuple(tensors), tuple(scalings))
     if entry is None:
         return _build(layer, names, dtype)
     if entry.stack is None:
@@ -201,24 +205,32 @@ def _rows(layer, x: Tensor, plan, grad: bool) -> Optional[_Rows]:
 
     Without gradients it is kept in the plan for the rest of the call (a generate call's decoding steps
     reuse it: the weights do not change within one call); with gradients the stack is built per call.
+    Row slots and masks depend only on the adapters present (and their ranks), so layers holding the same
+    adapters share them through the plan.
     """
     rows = x.shape[0]
+    memo = plan.memo
     key = (id(layer), rows, x.dtype)
     if not grad:
-        found = plan.memo.get(key)
+        found = memo.get(key)
         if found is not None:
             return found
-    names = plan.present(layer.adapters._modules)
+    mods = layer.adapters._modules
+    names = tuple([n for n in plan.unique if n in mods])
     if not names:
         return None
-    slots = plan.slots(names, rows, x.device)
-    dtype = x.dtype if x.is_floating_point() and not grad else layer.adapters[names[0]].lora_A.dtype
+    dtype = x.dtype if x.is_floating_point() and not grad else mods[names[0]].lora_A.dtype
     stack = _build(layer, names, dtype) if grad else _stack(layer, names, dtype)
-    found = _Rows(stack, slots, _mask(plan, stack, slots, rows, dtype),
-                  None if stack.scale is None else stack.scale.index_select(0, slots),
+    shared_key = ("rows", names, stack.ranks, rows, dtype)
+    shared = memo.get(shared_key)
+    if shared is None:
+        slots = plan.slots(names, rows, x.device)
+        shared = memo[shared_key] = (slots, _mask(plan, stack, slots, rows, dtype))
+    slots, mask = shared
+    found = _Rows(stack, slots, mask, None if stack.scale is None else stack.scale.index_select(0, slots),
                   None if stack.add is None else stack.add.index_select(0, slots))
-    if not grad and stack is not None:
-        plan.memo[key] = found
+    if not grad:
+        memo[key] = found
     return found
 
 
