@@ -22,3 +22,17 @@ def push_to_hub(model, repo_id: str, commit_message: Optional[str] = None, priva
         return api.upload_folder(repo_id=repo_id, folder_path=folder, token=token, create_pr=create_pr,
                                  revision=revision, commit_message=commit_message or "Upload adapter with deltatune",
                                  commit_description=commit_description)
+
+
+def take_device_map(kwargs: dict) -> dict:
+    """``kwargs`` of a load call with peft's ``device_map`` turned into ``torch_device``: a single device
+    (``"cpu"``, ``"cuda:0"``, ``{"": "cuda:0"}``) is where the file's tensors are read to; ``"auto"`` and
+    per-module maps change nothing, since every adapter tensor is made on its own layer's device (where the
+    base model was dispatched). Returns a new dict; the caller's is not changed."""
+    kwargs = dict(kwargs)
+    device_map = kwargs.pop("device_map", None)
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if isinstance(device_map, (str, int)) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        kwargs.setdefault("torch_device", device_map)
+    return kwargs

@@ -346,7 +346,7 @@ class PeftModel(nn.Module):
         ``torch_device``: where the file's tensors are read to; ``hub_kwargs`` (``token``, ``cache_dir``, ...)
         go to the Hub download.
         """
-        files = ckpt.read_adapter(model_id, subfolder, revision, key_mapping, config, **hub_kwargs)
+        files = ckpt.read_adapter(model_id, subfolder, revision, key_mapping, config, **hub.take_device_map(hub_kwargs))
         config, weights = files.config.for_load(is_trainable), files.weights
         target_cls = (task_model(config.task_type) or PeftModel) if cls is PeftModel else cls
         undo = injection.Undo(model)  # taken before the adapter goes in: a failed load puts all of it back
@@ -373,7 +373,7 @@ class PeftModel(nn.Module):
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it first")
-        files = ckpt.read_adapter(model_id, subfolder, revision, key_mapping, **hub_kwargs)
+        files = ckpt.read_adapter(model_id, subfolder, revision, key_mapping, **hub.take_device_map(hub_kwargs))
         config, weights = files.config.for_load(is_trainable), files.weights
         undo = injection.Undo(self)  # this PeftModel and its model as they are before the adapter goes in
         self.add_adapter(adapter_name, config, low_cpu_mem_usage, autocast_adapter_dtype)
