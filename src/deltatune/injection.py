@@ -218,7 +218,11 @@ def parameter_layers(model: nn.Module, config, method: Method) -> dict[str, nn.M
 
 
 def _inject(model, config, adapter_name, method, autocast_adapter_dtype, device) -> list[str]:
+    if method.prepare_config is not None:
+        config = method.prepare_config(model, config)
     names = find_targets(model, config, method)
+    if method.extra_targets is not None:
+        names += [n for n in method.extra_targets(model, names) if n not in names]
     layers = parameter_layers(model, config, method)
     clash = sorted(set(layers) & set(names))
     if clash:
@@ -248,6 +252,8 @@ def _inject(model, config, adapter_name, method, autocast_adapter_dtype, device)
             method.add_adapter(layer, name, adapter_name, config, autocast_adapter_dtype, device=device)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"cannot adapt module {name!r}: {exc}") from None
+    if method.attach is not None:
+        names += method.attach(model, config, adapter_name, autocast_adapter_dtype, device)
     return names
 
 

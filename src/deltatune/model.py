@@ -105,6 +105,8 @@ class PeftModel(nn.Module):
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
     def _resolve_config(self, config: PeftConfig) -> PeftConfig:
+        prepare = getattr(get_method(config.peft_type), "prepare_config", None)  # (e.g. a default target)
+        config = config if prepare is None else prepare(self.base_model.model, config)
         extra = [m for m in self.default_modules_to_save if m not in (config.modules_to_save or [])]
         if extra:
             config = config.replace(modules_to_save=list(config.modules_to_save or []) + extra)

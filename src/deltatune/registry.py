@@ -79,6 +79,15 @@ class Method:
     #: Optional ``(module, parameter name) -> layer``: wraps one named parameter of ``module`` (which may be
     #: such a layer already) for configs with ``target_parameters``.
     wrap_parameter: Optional[Callable] = None
+    #: Optional ``(model, config) -> config``: the config as injection uses it for this model (e.g. a default
+    #: target found in the model); the stored config is not changed.
+    prepare_config: Optional[Callable] = None
+    #: Optional ``(model, target names) -> more names``: modules to adapt as well (e.g. output heads tied to
+    #: a targeted embedding).
+    extra_targets: Optional[Callable] = None
+    #: Optional ``(model, config, adapter_name, autocast_adapter_dtype, device) -> names``: layers of another
+    #: kind the adapter adds after its own (LoRA's ``trainable_token_indices``), within the same undo.
+    attach: Optional[Callable] = None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ from ...registry import Method, PeftType, register
 from .config import DoRAConfig, LoraConfig
 from .layer import LoraLayer, is_linear
 from .param import wrap_parameter
+from .tokens import CHECKPOINT_KEYS as TOKEN_KEYS
+from .tokens import attach
 from .weighted import add_weighted_adapter
 from .wrap import wrap_module
 
@@ -33,7 +35,7 @@ CHECKPOINT_KEYS = {
 }
 
 register(Method(PeftType.LORA, LoraConfig, LoraLayer, wrap_module, _add_adapter, is_linear,
-                checkpoint_keys=CHECKPOINT_KEYS, rank_role="lora_A", prefix="lora_",
-                add_weighted_adapter=add_weighted_adapter, wrap_parameter=wrap_parameter))
+                checkpoint_keys={**CHECKPOINT_KEYS, **TOKEN_KEYS}, rank_role="lora_A", prefix="lora_",
+                add_weighted_adapter=add_weighted_adapter, wrap_parameter=wrap_parameter, attach=attach))
 
 __all__ = ["DoRAConfig", "LoraConfig", "LoraLayer"]

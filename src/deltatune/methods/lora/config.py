@@ -53,6 +53,9 @@ class LoraConfig(PeftConfig):
         target_parameters: Parameters (by name suffix, e.g. ``"mlp.experts.gate_up_proj"``) to adapt directly:
             2-D weights or 3-D mixture-of-experts tensors ``(experts, out, in)``, one rank-r pair per expert
             (peft's layout); no dropout, DoRA or lora_bias there (as in peft).
+        trainable_token_indices: Rows of embeddings that train in full beside the adapter (e.g. new chat
+            tokens): a list of token ids for the input embedding, or ``{embedding name: ids}``; output
+            heads tied to the embedding follow; saved as peft saves them.
         lora_bias: A trainable bias on ``lora_B`` (zero at init): ``y = W x + b + s (B A x + b_B)``; merging
             adds ``s b_B`` to the base bias (layers without one cannot merge it). Not with DoRA or embeddings.
     """
@@ -75,6 +78,7 @@ class LoraConfig(PeftConfig):
     layer_replication: Optional[list] = None
     lora_bias: bool = False
     target_parameters: Optional[list[str]] = None
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
 
     peft_type: ClassVar[PeftType] = PeftType.LORA
     compat_fields: ClassVar[dict] = {
@@ -90,7 +94,6 @@ class LoraConfig(PeftConfig):
         "megatron_core": "megatron.core",
         "monteclora_config": None,
         "qalora_group_size": 16,
-        "trainable_token_indices": None,
         "use_bdlora": None,
         "use_qalora": False,
         "velora_config": None,
