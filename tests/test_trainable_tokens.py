@@ -4,7 +4,6 @@ merges, several adapters, refusals (bad configs, overlaps, mixed-adapter batches
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 
 import peft
@@ -20,12 +19,8 @@ from deltatune.config import ConfigError
 from deltatune.methods.trainable_tokens import (TrainableTokensConfig, TrainableTokensLayer, attach_token_rows,
                                                 resolve_config, tied_heads)
 from deltatune.methods.trainable_tokens import functional as TF
-from deltatune.registry import Method
 
 IDS = [3, 5, 7, 40]
-# Whether the core wraps tied heads and fills the default target itself (the registry's model-level hooks).
-CORE_HOOKS = {"prepare_config", "extra_targets"} <= {f.name for f in dataclasses.fields(Method)}
-needs_core_hooks = pytest.mark.skipif(not CORE_HOOKS, reason="the core lacks Method.prepare_config/extra_targets")
 
 CASES = [  # (id, build, kwargs for both libraries' TrainableTokensConfig)
     ("llama", tiny_llama, dict(target_modules=["embed_tokens"])),
@@ -76,7 +71,6 @@ def test_checkpoints_load_in_the_other_library(case, direction, tmp_path):
     assert set(ja) ^ set(jb) <= {"peft_version"} and {k: ja[k] for k in same} == {k: jb[k] for k in same}
 
 
-@needs_core_hooks
 @pytest.mark.parametrize("direction", ["peft->deltatune", "deltatune->peft"])
 def test_default_target_and_tied_head_load_in_the_other_library(direction, tmp_path):
     """No target_modules: the input embedding, and the tied GPT-2 head follows it; the file holds both
@@ -105,15 +99,13 @@ def test_default_target_resolves_on_a_copy():
     assert tied_heads(gpt2, ["transformer.wte", "lm_head"]) == []
 
 
-def test_untied_head_is_refused_until_the_core_wraps_it():
-    """Targeting only a tied embedding would leave the head computing with the old rows: other outputs than
-    peft's. Without the core's hook that wraps the head, the first forward says so."""
+def test_targeting_a_tied_embedding_wraps_its_head():
+    """Targeting only a tied embedding: the head sharing its weight is adapted too (with the same rows), or
+    it would compute with the old rows, other outputs than peft's."""
     model = dt.get_peft_model(tiny_gpt2_lm(), TrainableTokensConfig(token_indices=IDS, target_modules=["wte"]))
-    if CORE_HOOKS:
-        assert isinstance(model.base_model.model.lm_head, TrainableTokensLayer)
-        return
-    with pytest.raises(ValueError, match="lm_head"):
-        model(**_inputs())
+    inner = model.base_model.model
+    assert inner.lm_head.tied_to(inner.transformer.wte, "default")
+    assert model.peft_config["default"].target_modules == ["wte"]  # (saved as given: peft wraps the head too)
 
 
 # ----------------------------------------------------------------------------------- training

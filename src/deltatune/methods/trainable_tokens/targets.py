@@ -75,18 +75,6 @@ def tied_heads(model: nn.Module, names: Sequence[str]) -> list[str]:
             if n not in wanted and isinstance(_plain(m), nn.Linear) and _shares_weight(m, embeddings)]
 
 
-def untied_heads(model: nn.Module, adapter_name: str) -> list[str]:
-    """Names of the tied heads (see :func:`tied_heads`) of the embeddings adapter ``adapter_name`` adapts
-    that compute without its rows (not wrapped, or without that adapter): heads the adapter misses."""
-    embeddings = [m for _, m in iter_modules(model)
-                  if isinstance(m, TrainableTokensLayer) and m._embedding and adapter_name in m.adapters]
-    if not embeddings:
-        return []
-    return [n for n, m in iter_modules(model)
-            if isinstance(_plain(m), nn.Linear) and _shares_weight(m, embeddings)
-            and not (isinstance(m, TrainableTokensLayer) and adapter_name in m.adapters)]
-
-
 def add_token_rows(layer: TrainableTokensLayer, adapter_name: str, token_indices: Sequence[int],
                    init_weights: bool = True, autocast_adapter_dtype: bool = True, device=None) -> None:
     """Add adapter ``adapter_name`` to ``layer``: its own rows ``token_indices`` on an embedding, or, on a
