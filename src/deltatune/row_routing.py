@@ -117,8 +117,9 @@ def check(peft_model, names, batch: Optional[int], modules=None) -> tuple[str, .
         held = sorted(wanted & set(layer.adapters))
         if held:
             kind = config[held[0]].peft_type.value
-            raise ValueError(f"adapter {held[0]!r} ({kind}) cannot run in a mixed-adapter batch: {kind} layers "
-                             f"do not route rows (LoRA and DoRA adapters do)")
+            raise ValueError(f"adapter {held[0]!r} ({kind}) cannot run in a mixed-adapter batch: its "
+                             f"{type(layer).__name__} layers do not route rows (LoRA and DoRA adapters on "
+                             "Linear, Conv1D, Embedding and Conv layers do)")
         if layer._run:
             name = next(n for n, m in peft_model.base_model.model.named_modules() if m is layer)
             raise ValueError(f"layer {name!r} runs active adapters of a method that cannot route rows; "
