@@ -123,6 +123,13 @@ def test_scoring():
     assert scores == {"exact_match": 0.2, "names_answer": 0.4}
 
 
+def test_merge_check_scales_with_the_outputs():
+    from deltatune.cli.merge import TOLERANCE, allowed_difference
+
+    assert allowed_difference(torch.tensor([0.5, -0.2])) == TOLERANCE  # small outputs: 1e-5 absolute
+    assert allowed_difference(torch.tensor([3.0, -20.0])) == pytest.approx(20 * TOLERANCE)
+
+
 # --------------------------------------------------------------------------------------------- options
 
 

@@ -24,6 +24,13 @@ from .train import load_tokenizer, quiet_transformers
 TOLERANCE = 1e-5
 
 
+def allowed_difference(want: torch.Tensor) -> float:
+    """The largest output difference a correct merge may show: :data:`TOLERANCE`, scaled by the largest
+    output when that exceeds 1. Why: float32 rounding of ``W + BA`` versus ``xW + xBA`` grows with the
+    outputs' size; SmolLM2-135M's logits (up to about 20, 30 layers) differ by ~1e-4 after a correct merge."""
+    return TOLERANCE * max(1.0, want.abs().max().item())
+
+
 def _auto_class(task_type):
     import transformers
 
@@ -112,8 +119,10 @@ def merge_command(path: str, output: str, model_override: str | None = None) -> 
             tokenizer.save_pretrained(tmp)
         reloaded = auto.from_pretrained(tmp).eval()
         diff = (_outputs(reloaded, inputs) - want).abs().max().item()
-        if diff > TOLERANCE:
-            raise UsageError(f"merged model differs from base + adapter by {diff:.2e} (> {TOLERANCE}); not saved")
+        allowed = allowed_difference(want)
+        if diff > allowed:
+            raise UsageError(f"merged model differs from base + adapter by {diff:.2e} (> {allowed:.2e}: {TOLERANCE} "
+                             f"times the largest output, at least 1); not saved")
         if os.path.exists(output):
             shutil.rmtree(output)
         os.replace(tmp, output)
