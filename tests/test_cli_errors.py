@@ -165,3 +165,12 @@ def test_inspect_prompt_adapter_shows_its_fields(models, tmp_path, capsys):
     assert fields["num_virtual_tokens"].strip() == "4" and fields["token_dim"].strip() == "32"
     assert "rank(s)" not in fields and "targets" not in fields
     assert "peft format" in fields and fields["peft format"].strip().startswith("yes")
+
+
+def test_inspect_reads_alpha_of_lycoris_configs(tmp_path, capsys):
+    """LoHa/LoKr call it ``alpha``, not ``lora_alpha``: inspect shows it instead of '-'."""
+    from conftest import tiny_llama
+
+    dt.get_peft_model(tiny_llama(), dt.LoHaConfig(r=4, alpha=7, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "(r=4, alpha=7)" in capsys.readouterr().out

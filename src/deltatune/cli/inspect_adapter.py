@@ -70,7 +70,7 @@ def inspect_command(path: str) -> str:
                   if getattr(config, name, None) is not None]
     else:
         lines += [
-            f"rank(s):      {ranks} (r={getattr(config, 'r', '-')}, alpha={getattr(config, 'lora_alpha', '-')}"
+            f"rank(s):      {ranks} (r={getattr(config, 'r', '-')}, alpha={getattr(config, 'lora_alpha', getattr(config, 'alpha', '-'))}"
             + (", rsLoRA" if getattr(config, "use_rslora", False) else "") + ")",
             f"targets:      {getattr(config, 'target_modules', None)!r} -> {len(modules)} adapted modules",
         ]
