@@ -47,7 +47,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         raise
 
 
-#: How the staging folders of :func:`staged_folder` start (``.<folder name><this><random>``).
+#: What names the staging folders of :func:`staged_folder` (``.<folder name><this><pid>-<random>``).
 STAGING_MARK = ".deltatune-staging-"
 
 

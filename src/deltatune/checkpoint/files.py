@@ -181,10 +181,14 @@ def read_adapter_weights(directory: str, allow_pickle: bool = True) -> dict[str,
     st_path = os.path.join(directory, SAFETENSORS_NAME)
     if os.path.isfile(st_path):
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         try:
-            return load_file(st_path)
+            # The bytes, then load(): safetensors 0.8's load_file/safe_open keep ~60 bytes per tensor
+            # name alive on every call (a server loading adapters for days grew ~0.75 KB per load;
+            # tests/test_long_runs.py). An adapter file is small; its bytes are freed on return.
+            with open(st_path, "rb") as fh:
+                return load(fh.read())
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{st_path} is truncated or corrupt and cannot be read: {exc}") from None
     bin_path = os.path.join(directory, PICKLE_NAME)
