@@ -250,3 +250,16 @@ def test_inspect_recognises_every_method(method, tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "peft format:  yes" in out and config.peft_type.value in out
+
+
+@pytest.mark.parametrize("method,peft_type,key", [("loha", "LOHA", "hada_w1_a"), ("lokr", "LOKR", "lokr_w1")])
+def test_lycoris_methods(method, peft_type, key, tmp_path, tiny_models):
+    output = tmp_path / method
+    args = ["train", "--model", str(tiny_models / "bert"), "--data", str(tiny_models / "small.jsonl"),
+            "--method", method, "--r", "4", "--alpha", "8", "--epochs", "1", "--no-baseline", "--output", str(output)]
+    assert main(args) == 0
+    config = json.loads((output / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and config["r"] == 4 and config["alpha"] == 8
+    from safetensors.torch import load_file
+
+    assert any(key in k for k in load_file(str(output / "adapter" / "adapter_model.safetensors")))

@@ -12,6 +12,8 @@ from typing import Callable
 
 from ..config import PeftConfig
 from ..methods.ia3 import IA3Config
+from ..methods.loha import LoHaConfig
+from ..methods.lokr import LoKrConfig
 from ..methods.lora import LoraConfig
 
 #: The ``TaskType`` of each ``--task``.
@@ -38,10 +40,19 @@ def _ia3(o, base_path: str) -> PeftConfig:
                      base_model_name_or_path=base_path)
 
 
+def _lycoris(config_cls):
+    # LoHa/LoKr: --r and --alpha are theirs (named r/alpha there); --dropout drops whole rank components
+    def build(o, base_path: str) -> PeftConfig:
+        return config_cls(task_type=TASK_TYPES[o.task], r=o.r, alpha=o.alpha, rank_dropout=o.dropout,
+                          target_modules=o.targets(), base_model_name_or_path=base_path)
+    return build
+
+
 #: ``label -> (run options, base model path) -> adapter config``, in the order ``--help`` lists them.
 #: (The builders take ``options.RunOptions``; this module does not import it, since options.py reads
 #: :data:`METHODS` from here to check ``--method``.)
-CONFIG_BUILDERS: dict[str, Callable[..., PeftConfig]] = {"lora": _lora, "dora": _dora, "ia3": _ia3}
+CONFIG_BUILDERS: dict[str, Callable[..., PeftConfig]] = {"lora": _lora, "dora": _dora, "ia3": _ia3,
+                                                          "loha": _lycoris(LoHaConfig), "lokr": _lycoris(LoKrConfig)}
 
 #: The labels ``--method``/``--methods`` accept.
 METHODS = tuple(CONFIG_BUILDERS)
