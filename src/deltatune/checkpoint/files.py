@@ -138,9 +138,9 @@ def _read_config(directory: str):
 
 def _check_numbers(config, weights: dict[str, Tensor], directory: str) -> None:
     """Refuse a LoRA config with a non-finite ``lora_alpha`` (JSON ``NaN``/``Infinity``; the config's own
-    ``> 0`` check lets NaN through) or whose ``r`` no ``lora_A`` tensor of the file has (e.g. a hand-edited
-    ``"r": 2147483648``) before the model is touched: building the layers would first try to allocate
-    tensors of that rank. (With a ``rank_pattern`` ranks differ per module; the load checks each shape.)"""
+    ``> 0`` check lets NaN through) or an ``r`` above the rank of every ``lora_A`` tensor of the file (e.g. a
+    hand-edited ``"r": 2147483648``) before the model is touched: building the layers would first try to
+    allocate tensors of that rank. (With a ``rank_pattern`` ranks differ per module; the load checks each shape.)"""
     if getattr(config.peft_type, "value", None) != "LORA":
         return
     alphas = [config.lora_alpha, *dict(config.alpha_pattern or {}).values()]
@@ -151,9 +151,11 @@ def _check_numbers(config, weights: dict[str, Tensor], directory: str) -> None:
     if not isinstance(r, int) or config.rank_pattern:
         return
     ranks = sorted({int(t.shape[0]) for k, t in weights.items() if k.endswith(".lora_A.weight") and t.dim()})
-    if ranks and r not in ranks:
+    # Only a rank above the file's is refused here (that is what would allocate too much); a smaller one
+    # fails the load's per-tensor shape check, which undoes the injection.
+    if ranks and r > ranks[-1]:
         raise CheckpointError(f"{os.path.join(directory, CONFIG_NAME)} says r={r}, but the lora_A tensors of "
-                              f"{SAFETENSORS_NAME} have rank {ranks[0] if len(ranks) == 1 else ranks}; nothing was loaded")
+                              f"{SAFETENSORS_NAME} have shape ({ranks[-1]}, ...) at most; nothing was loaded")
 
 
 MODEL_CARD_NAME = "README.md"
