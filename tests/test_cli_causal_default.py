@@ -16,8 +16,8 @@ import torch
 
 from deltatune.cli import build_parser, main
 from deltatune.cli.chat import (BUNDLED_CHAT_TEST, BUNDLED_CHAT_TRAIN, IGNORE_INDEX, ChatCollator, ChatDataset,
-                                intent_chat_rows, normalize, score_answers, write_bundled_chat_set)
-from deltatune.cli.data import BUNDLED_TRAIN, read_rows
+                                intent_chat_rows, normalize, score_answers)
+from deltatune.cli.data import BUNDLED_TRAIN, read_rows, write_bundled_chat_set
 from deltatune.cli.options import CHAT_JOB_DEFAULTS, UsageError, given_options, resolve
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}</s>{% endfor %}"

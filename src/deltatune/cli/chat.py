@@ -10,7 +10,7 @@ scored by generating greedily from the prompt and comparing the answer with the 
 The bundled chat set (``data/support_intents_chat_*.jsonl``) is the bundled support-intents set turned
 into such rows by :func:`intent_chat_rows`: the user asks which of the five intents a customer-support
 message has, and the answer is the intent's name. It was written for deltatune, like the set it comes
-from, and is public domain (CC0-1.0); :func:`write_bundled_chat_set` regenerates it byte for byte.
+from, and is public domain (CC0-1.0); :func:`deltatune.cli.data.write_bundled_chat_set` regenerates it byte for byte.
 """
 
 from __future__ import annotations
@@ -51,22 +51,6 @@ def intent_chat_rows(rows: Iterable[dict], labels: list[str]) -> list[dict]:
     return [{"messages": [{"role": "system", "content": SYSTEM},
                           {"role": "user", "content": QUESTION.format(labels=listed, text=row["text"])},
                           {"role": "assistant", "content": str(row["label"])}]} for row in rows]
-
-
-def write_bundled_chat_set(folder: str | os.PathLike = DATA_DIR) -> None:
-    """Write ``support_intents_chat_{train,test}.jsonl`` into ``folder`` (by default, regenerate the
-    bundled files) from the bundled support-intents files, each file atomically."""
-    from .data import BUNDLED_TEST, BUNDLED_TRAIN, read_rows
-
-    train = read_rows(BUNDLED_TRAIN)
-    labels = sorted({row["label"] for row in train})
-    for source, name in ((BUNDLED_TRAIN, BUNDLED_CHAT_TRAIN.name), (BUNDLED_TEST, BUNDLED_CHAT_TEST.name)):
-        dest = Path(folder) / name
-        lines = [json.dumps(row, ensure_ascii=False) for row in intent_chat_rows(read_rows(source), labels)]
-        tmp = f"{dest}.partial-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
-        os.replace(tmp, dest)
 
 
 def is_chat(rows: list[dict]) -> bool:

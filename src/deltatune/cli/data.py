@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .chat import check_chat_rows, is_chat
+from .chat import BUNDLED_CHAT_TEST, BUNDLED_CHAT_TRAIN, check_chat_rows, intent_chat_rows, is_chat
 from .options import RunOptions, UsageError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -105,8 +105,6 @@ def load_text_data(o: RunOptions) -> TextData:
                              f"text and label columns (.txt is for --task causal-lm)")
     if o.data is None:
         # causal-lm's bundled set is the same sentences as chat turns answered with the intent (chat.py).
-        from .chat import BUNDLED_CHAT_TEST, BUNDLED_CHAT_TRAIN
-
         train_path, test_path = ((BUNDLED_TRAIN, BUNDLED_TEST) if o.task == "seq-cls"
                                  else (BUNDLED_CHAT_TRAIN, BUNDLED_CHAT_TEST))
         train, test, train_name, test_name = read_rows(train_path), read_rows(test_path), str(train_path), str(test_path)
@@ -159,3 +157,17 @@ class EncodedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.items[i]
+
+
+def write_bundled_chat_set(folder: str | os.PathLike = DATA_DIR) -> None:
+    """Write ``support_intents_chat_{train,test}.jsonl`` into ``folder`` (by default, regenerate the
+    bundled files) from the bundled support-intents files, each file atomically."""
+    train = read_rows(BUNDLED_TRAIN)
+    labels = sorted({row["label"] for row in train})
+    for source, name in ((BUNDLED_TRAIN, BUNDLED_CHAT_TRAIN.name), (BUNDLED_TEST, BUNDLED_CHAT_TEST.name)):
+        dest = Path(folder) / name
+        lines = [json.dumps(row, ensure_ascii=False) for row in intent_chat_rows(read_rows(source), labels)]
+        tmp = f"{dest}.partial-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+        os.replace(tmp, dest)
