@@ -71,8 +71,6 @@ def test_full_state_dict_saved_on_rank0_alone(runs):
     assert _max_diff(_weights(out / "full_folder"), _weights(out / "reference")) <= TOL  # save_adapters
 
 
-@pytest.mark.xfail(strict=True, reason="PeftModel.save_pretrained (model.py) does not pass kwargs['state_dict'] on "
-                                       "to checkpoint.save_adapter(..., state_dict=...) yet")
 def test_save_pretrained_with_state_dict_on_rank0(runs):
     out, result = runs
     assert result["save_pretrained_forwards_state_dict"]

@@ -310,6 +310,8 @@ class PeftModel(nn.Module):
 
         ``path_initial_model_for_weight_conversion``: the folder a PiSSA/OLoRA adapter was saved to right
         after initialisation; the adapter is then written as plain LoRA for the original base model.
+        ``state_dict``: the values to write, from a full state dict (as peft takes it: FSDP users pass the
+        gathered one on rank 0). A process killed mid-save leaves the previous folder or the new one.
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file, not a folder")
@@ -321,15 +323,14 @@ class PeftModel(nn.Module):
             raise ValueError(f"unknown adapter(s) {unknown}; available: {list(self.peft_config)}")
         base_name = getattr(getattr(self.base_model.model, "config", None), "name_or_path", None) or None
         initial = path_initial_model_for_weight_conversion
+        adapters = []  # (other adapters go into sub-folders named after them, as peft writes them)
         for name in names:
             config = self.peft_config[name]
             config = config.replace(inference_mode=True,
                                     base_model_name_or_path=config.base_model_name_or_path or base_name)
-            folder, init = save_directory, initial
-            if name != "default":  # other adapters go into sub-folders named after them, as peft writes them
-                folder, init = os.path.join(folder, name), None if init is None else os.path.join(init, name)
-            ckpt.save_adapter(self, name, config, folder, init)
-        ckpt.write_model_card(save_directory, base_name, [self.peft_config[n] for n in names])
+            adapters.append((name, config, initial if name == "default" or initial is None else os.path.join(initial, name)))
+        # One atomic step for the whole folder; state_dict: a full state dict (e.g. gathered from FSDP shards)
+        ckpt.save_adapters(self, save_directory, adapters, base_name, state_dict=kwargs.get("state_dict"))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
