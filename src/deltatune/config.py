@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import json
 import os
 import warnings
@@ -172,9 +173,10 @@ def check_number(name: str, value: Any, *, low: float, high: float | None = None
     if isinstance(value, bool) or not ok_type:
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"{name} must be {kind}, got {value!r}")
-    too_low = value < low if low_inclusive else value <= low
-    too_high = high is not None and value >= high
-    if too_low or too_high:
+    if isinstance(value, float) and not math.isfinite(value):  # (every comparison with NaN is false)
+        raise ConfigError(f"{name} must be finite, got {value!r}")
+    in_range = (value >= low if low_inclusive else value > low) and (high is None or value < high)
+    if not in_range:
         lo = f"{'>=' if low_inclusive else '>'} {low}"
         hi = f" and < {high}" if high is not None else ""
         raise ConfigError(f"{name} must be {lo}{hi}, got {value!r}")

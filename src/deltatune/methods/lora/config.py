@@ -103,6 +103,10 @@ class LoraConfig(PeftConfig):
         check_number("r", self.r, low=0, integer=True)
         check_number("lora_alpha", self.lora_alpha, low=0)
         check_number("lora_dropout", self.lora_dropout, low=0, high=1, low_inclusive=True)
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, field_name), dict):
+                raise ConfigError(f"{field_name} must be a dict of module name pattern -> value, got "
+                                  f"{getattr(self, field_name)!r}")
         for key, value in self.rank_pattern.items():
             check_number(f"rank_pattern[{key!r}]", value, low=0, integer=True)
         for key, value in self.alpha_pattern.items():
