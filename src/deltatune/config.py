@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
