@@ -43,7 +43,7 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
     wanted = {_unwrapped(k): v for k, v in adapter_tensors(model, adapter_name, bias, peft_layout=True).items()}
     others = {_unwrapped(n): p for n, p in model.named_parameters()}
     plan, skipped = [], []
-    for key, tensor in state_dict.items():
+    for key, tensor in sorted(state_dict.items()):  # (the first bad key named does not depend on file order)
         target = wanted.get(_unwrapped(key), others.get(_unwrapped(key)))
         if target is None:
             close = [k for k in wanted if k.rsplit(".", 2)[0] == key.rsplit(".", 2)[0]][:3]
