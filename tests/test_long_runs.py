@@ -73,7 +73,8 @@ def test_from_pretrained_and_unload_cycles(saved):
 
     measured = _cycles(step)
     print("from_pretrained/unload", measured)
-    assert measured["tensors_after"] == measured["tensors_before"]
+    # (no growth; fewer is possible in a full-suite run, where earlier tests' objects may be released meanwhile)
+    assert measured["tensors_after"] <= measured["tensors_before"]
     assert measured["rss_growth"] < RSS_SLACK
     got = base.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -97,7 +98,8 @@ def test_load_delete_and_add_delete_cycles(saved):
 
     measured = _cycles(step)
     print("load/delete + add/delete", measured)
-    assert measured["tensors_after"] == measured["tensors_before"]
+    # (no growth; fewer is possible in a full-suite run, where earlier tests' objects may be released meanwhile)
+    assert measured["tensors_after"] <= measured["tensors_before"]
     assert measured["rss_growth"] < RSS_SLACK
     got = model.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
