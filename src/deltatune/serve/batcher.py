@@ -54,7 +54,31 @@ class _Control:
         self.fn, self.future = fn, concurrent.futures.Future()
 
 
-class Batcher:
+class WorkerThread:
+    """The worker-thread lifecycle shared by :class:`Batcher` and the generation scheduler: a subclass sets
+    ``_cond`` (a ``threading.Condition``), ``_stopping``, ``_thread`` and ``_thread_name``, and runs its
+    work in ``_loop``, which ends once ``_stopping`` is set and nothing is left to do."""
+
+    _thread_name = "deltatune-serve-worker"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self._thread_name, daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        """Whether the worker thread runs (``/health`` reports 503 otherwise)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Finish what is queued (or running), then end the worker thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+class Batcher(WorkerThread):
     """The worker thread and its queue.
 
     Args:
@@ -78,22 +102,6 @@ class Batcher:
         self._thread: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------------ callers' side
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="deltatune-serve-worker", daemon=True)
-        self._thread.start()
-
-    def alive(self) -> bool:
-        """Whether the worker thread runs (``/health`` reports 503 otherwise)."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self, timeout: Optional[float] = None) -> None:
-        """Finish what is queued, then end the worker thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
     def submit(self, names: Sequence[Optional[str]], payloads: Sequence[Any]) -> Job:
         """Queue a request's rows (row ``i`` runs adapter ``names[i]``)."""
         job = Job(names, payloads)

@@ -15,14 +15,14 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
-from .batcher import _Control
+from .batcher import WorkerThread, _Control
 from .errors import ServeError
 from .generation import GenerationEngine, GenSequence
 
 log = logging.getLogger("deltatune.serve")
 
 
-class Scheduler:
+class Scheduler(WorkerThread):
     """The generation worker: waiting queue, running set, one step per loop.
 
     Args:
@@ -34,6 +34,8 @@ class Scheduler:
         on_batch: ``on_batch(rows, distinct adapters, seconds)`` after each step.
     """
 
+    _thread_name = "deltatune-serve-generate"
+
     def __init__(self, engine: GenerationEngine, prepare, admits, max_batch: int = 32, max_wait: float = 0.005,
                  on_batch=None):
         self.engine, self.prepare, self.admits = engine, prepare, admits
@@ -44,22 +46,6 @@ class Scheduler:
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self.steps = 0
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="deltatune-serve-generate", daemon=True)
-        self._thread.start()
-
-    def alive(self) -> bool:
-        """Whether the worker thread runs (``/health`` reports 503 otherwise)."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self, timeout: Optional[float] = None) -> None:
-        """Finish the running and waiting sequences, then end the worker thread."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def submit(self, seqs: list[GenSequence]) -> None:
         with self._cond:
