@@ -64,7 +64,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command in ("train", "ab"):
             options = resolve(args, given_options(args))
-            if args.command == "train":
+            if args.command == "train" and options.task == "image-cls":
+                from .vision import image_command
+
+                image_command(options)
+            elif args.command == "train":
                 from .train import train_command
 
                 train_command(options)

@@ -15,10 +15,11 @@ from typing import Any, Optional
 
 from .method_labels import METHODS
 
-TASKS = ("seq-cls", "causal-lm")
+TASKS = ("seq-cls", "causal-lm", "image-cls")
 DEFAULT_TARGETS = {
     "seq-cls": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "causal-lm": "all-linear",
+    "image-cls": ["query", "value"],  # the seeds' DINO recipe: LoRA on attention queries and values
 }
 
 #: Defaults of the bundled chat job (``--task causal-lm`` with no ``--data``): its rows are about 80
