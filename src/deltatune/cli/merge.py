@@ -62,6 +62,35 @@ def _sample_texts() -> list[str]:
     return [row["text"] for row in read_rows(BUNDLED_TEST)[:8]]
 
 
+#: sentence-transformers files of a base folder: which modules follow the transformer (pooling,
+#: normalisation) and their settings. ``save_pretrained`` writes none of them; without them a merged
+#: encoder is served (or loaded by sentence-transformers) with another pooling and no normalisation.
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def copy_sentence_transformers_files(base_path: str, dest: str) -> list[str]:
+    """Copy the sentence-transformers files of ``base_path`` (and the module folders ``modules.json``
+    names, e.g. ``1_Pooling/``) into ``dest``; returns the names copied (none for other folders).
+
+    A module path that is absolute or leads out of ``base_path`` is not followed."""
+    copied = []
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if os.path.isfile(os.path.join(base_path, name)):
+            shutil.copy2(os.path.join(base_path, name), os.path.join(dest, name))
+            copied.append(name)
+    if "modules.json" in copied:
+        with open(os.path.join(base_path, "modules.json")) as fh:
+            modules = json.load(fh)
+        for module in modules if isinstance(modules, list) else []:
+            sub = os.path.normpath(str(module.get("path") or "")) if isinstance(module, dict) else "."
+            if sub in ("", ".") or os.path.isabs(sub) or sub.split(os.sep)[0] == "..":
+                continue
+            if os.path.isdir(os.path.join(base_path, sub)):  # (Normalize has no folder of its own)
+                shutil.copytree(os.path.join(base_path, sub), os.path.join(dest, sub), dirs_exist_ok=True)
+                copied.append(sub)
+    return copied
+
+
 #: Files a saved tokenizer folder holds (``save_pretrained`` writes the first; the others are vocabularies).
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model")
 
@@ -117,6 +146,7 @@ def merge_command(path: str, output: str, model_override: str | None = None) -> 
         merged.save_pretrained(tmp)
         if tokenizer is not None:  # copied when there is one; the weights do not need it
             tokenizer.save_pretrained(tmp)
+        copy_sentence_transformers_files(base_path, tmp)
         reloaded = auto.from_pretrained(tmp).eval()
         diff = (_outputs(reloaded, inputs) - want).abs().max().item()
         allowed = allowed_difference(want)

@@ -179,17 +179,14 @@ def build_app(server: DeltaServer) -> FastAPI:
     async def classify(body: ClassifyRequest):
         """Class probabilities and the most likely label per input, from an adapter's classification head."""
         adapter = server.adapter_for(body.model)
-        spec = server.host.specs.get(adapter) if adapter is not None else None
-        if spec is None or not spec.num_labels:
-            raise ServeError(400, f"the model {body.model!r} has no classification head; use an adapter trained "
-                                  "for sequence classification (or /v1/embeddings)", param="model")
+        labels = server.labels_for(adapter)
         rows = _inputs(body.input)
         job = await server.run_rows(adapter, rows)
         server.metrics.served(body.model, len(rows), sum(len(r) for r in rows))
         data = []
         for i, (_, probs) in enumerate(job.results):
             values = probs.tolist()
-            data.append({"index": i, "label": spec.labels[int(torch.argmax(probs))], "probs": values,
+            data.append({"index": i, "label": labels[int(torch.argmax(probs))], "probs": values,
                          "num_classes": len(values)})
         return JSONResponse({"id": f"classify-{time.time_ns():x}", "object": "list", "created": int(time.time()),
                              "model": body.model, "data": data, "usage": _usage(rows)},

@@ -108,6 +108,17 @@ def _kind(model_config, task: str) -> str:
     return "causal-lm" if causal and not getattr(model_config, "is_encoder_decoder", False) else "encoder"
 
 
+def trained_head(model_config) -> bool:
+    """Whether a folder holds a trained sequence-classification head (its saved architecture says so)."""
+    return any(n.endswith("ForSequenceClassification") for n in getattr(model_config, "architectures", None) or [])
+
+
+def class_names(model_config) -> list[str]:
+    """A classifier config's ``id2label`` as a list, one name per head row."""
+    id2label = {int(k): str(v) for k, v in (getattr(model_config, "id2label", None) or {}).items()}
+    return [id2label.get(i, f"LABEL_{i}") for i in range(int(model_config.num_labels))]
+
+
 class DeltaServer:
     """The model host, its engine and batcher, and the metrics, for one served base model.
 
@@ -126,6 +137,7 @@ class DeltaServer:
         self.config = config
         self.started = time.time()
         self.model_dir = config.model or _embedded_model_dir()
+        self.base_labels: list[str] = []  # class names of the base model's own trained head (none: no head)
         self.name = config.served_model_name or (
             "minilm-l6" if config.model is None else os.path.basename(os.path.normpath(self.model_dir)))
         if config.adapter_root is not None and not os.path.isdir(config.adapter_root):
@@ -140,7 +152,7 @@ class DeltaServer:
             model_config = transformers.AutoConfig.from_pretrained(self.model_dir, local_files_only=True)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
             self.kind = _kind(model_config, config.task)
-            model = (self._load_lm if self.kind == "causal-lm" else self._load_encoder)(pinned)
+            model = (self._load_lm if self.kind == "causal-lm" else self._load_encoder)(pinned, model_config)
         except (OSError, ValueError) as exc:
             raise ServeError(400, f"could not load a model from {self.model_dir!r}: {str(exc).splitlines()[0]}") from None
         model.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
@@ -150,18 +162,24 @@ class DeltaServer:
             self.host.add(read_spec(n, p, self.host.base_params, pinned=True))
         self.ready = False
 
-    def _load_encoder(self, pinned):
+    def _load_encoder(self, pinned, model_config):
         import transformers
 
+        dtype = _dtype(self.config.dtype)
+        if trained_head(model_config):
+            # A classifier (e.g. from ``deltatune merge``): its own head, sizes and class names, as saved.
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                self.model_dir, dtype=dtype, local_files_only=True)
+            self.base_labels = class_names(model.config)
+            return model
         # A base without a trained head (MiniLM) gets one sized like the first adapter's, so that adapter's
         # copy needs no resizing; adapters with other sizes get copies of their own size (see ModelHost).
         heads = [n for n in (read_spec(name, path, set()).num_labels for name, path in pinned) if n]
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        return transformers.AutoModelForSequenceClassification.from_pretrained(
             self.model_dir, num_labels=(heads[0] if heads else 2), ignore_mismatched_sizes=True,
-            dtype=_dtype(self.config.dtype), local_files_only=True)
-        return model
+            dtype=dtype, local_files_only=True)
 
-    def _load_lm(self, pinned):
+    def _load_lm(self, pinned, model_config):
         import transformers
 
         if self.tokenizer.pad_token_id is None:
@@ -221,6 +239,18 @@ class DeltaServer:
         if model in self.host.specs:
             return model
         raise ServeError(404, f"the model {model!r} does not exist; GET /v1/models lists the served ones",
+                         param="model")
+
+    def labels_for(self, adapter: Optional[str]) -> list[str]:
+        """Class names of the head that rows of ``adapter`` run (its own, else the base model's trained
+        one); 400 when neither has a trained head."""
+        spec = self.host.specs.get(adapter) if adapter is not None else None
+        if spec is not None and spec.num_labels:
+            return spec.labels
+        if self.base_labels:
+            return self.base_labels
+        raise ServeError(400, f"the model {adapter or self.name!r} has no classification head; use an adapter "
+                              "trained for sequence classification, a classifier base (or /v1/embeddings)",
                          param="model")
 
     async def run_rows(self, adapter: Optional[str], rows: list) -> Job:
