@@ -272,6 +272,50 @@ def test_runtime_load_unload_while_others_keep_getting_answers(root, expected):
         torch.testing.assert_close(emb, expected["a1"][0][:2], atol=1e-5, rtol=0)
 
 
+def test_loading_an_adapter_never_pauses_requests_for_others(root, expected, monkeypatch):
+    """Every read of the loading adapter's weights file is slowed by 2 s; requests for another adapter
+    sent meanwhile still answer fast, because the worker only inserts the finished tensors."""
+    from deltatune.checkpoint import files
+
+    real, slow_s = files.read_adapter_weights, 2.0
+
+    def slow_read(directory, *args, **kwargs):
+        if os.path.basename(os.path.normpath(str(directory))) == "three":
+            time.sleep(slow_s)
+        return real(directory, *args, **kwargs)
+
+    monkeypatch.setattr(files, "read_adapter_weights", slow_read)
+    config = ServeConfig(adapters=[("a1", str(root / "run1" / "adapter"))], adapter_root=str(root))
+    with running(config) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
+        embed(client, "a1", TEXTS[:2])  # (warm: the first forward is slower)
+        loading, timings = threading.Event(), []
+
+        def keep_asking():
+            with httpx.Client(base_url=url, timeout=30) as own:
+                while loading.is_set():
+                    start = time.monotonic()
+                    emb, _ = embed(own, "a1", TEXTS[:2])
+                    timings.append((start, time.monotonic()))
+                    torch.testing.assert_close(emb, expected["a1"][0][:2], atol=1e-5, rtol=0)
+
+        loading.set()
+        asker = threading.Thread(target=keep_asking)
+        asker.start()
+        try:
+            began = time.monotonic()
+            r = client.post("/v1/load_lora_adapter", json={"lora_name": "a3", "lora_path": "three"})
+            ended = time.monotonic()
+        finally:
+            loading.clear()
+            asker.join()
+        assert r.status_code == 200, r.text
+        assert ended - began >= slow_s  # the slowed read was part of the load
+        during = [(s, e) for s, e in timings if began <= s < ended]  # sent while the load ran
+        assert len(during) >= 3, timings
+        assert max(e - s for s, e in during) < slow_s / 2, during  # none waited for the slowed read
+        assert client.post("/v1/embeddings", json={"model": "a3", "input": "x"}).status_code == 200
+
+
 @pytest.mark.parametrize("path,status,words", [
     ("../outside", 403, "outside the adapter root"),
     ("link_out", 403, "outside the adapter root"),  # a link inside the root leading out of it

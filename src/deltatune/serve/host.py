@@ -1,21 +1,31 @@
 """The base model and its adapters, owned by the server's worker thread.
 
-Every method that changes the model (:meth:`ModelHost.load`, :meth:`ModelHost.unload`,
+Every method that changes the model (:meth:`ModelHost.add`, :meth:`ModelHost.remove`,
 :meth:`ModelHost.ensure_loaded`) runs on the one thread that also runs the forwards, between batches, so a
-forward never sees a half-injected adapter. Other threads only read :attr:`ModelHost.specs`.
+forward never sees a half-injected adapter. Other threads only read :attr:`ModelHost.specs` and call
+:meth:`ModelHost.read`, which reads and checks an adapter's files and makes its tensors on the device
+without touching the model: a runtime load does that first, off the worker, so the worker only inserts
+(empty layers on the ``meta`` device, then the tensors assigned) and requests for other adapters go on.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 from torch import nn
 
 from .adapters import AdapterSpec
 from .dispatch import Dispatcher
 from .errors import ServeError
+
+
+class ReadAdapter(NamedTuple):
+    """An adapter's files, read and checked, its tensors already on the model's device."""
+
+    config: object
+    weights: dict
 
 
 class ModelHost:
@@ -57,9 +67,10 @@ class ModelHost:
             yield
 
     # ------------------------------------------------------------------ adapters (worker thread only)
-    def add(self, spec: AdapterSpec) -> None:
-        """Register ``spec`` and load it now, so a bad adapter is refused at once. On error nothing
-        changes (the load itself puts the model back)."""
+    def add(self, spec: AdapterSpec, files: Optional[ReadAdapter] = None) -> None:
+        """Register ``spec`` and load it now (from ``files`` when the caller read them already, see
+        :meth:`read`), so a bad adapter is refused at once. On error nothing changes (the load itself puts
+        the model back)."""
         if spec.name in self.specs:
             raise ServeError(409, f"an adapter named {spec.name!r} is already loaded; unload it first",
                              param="lora_name")
@@ -67,7 +78,7 @@ class ModelHost:
             raise ServeError(400, f"--max-loaded-adapters {self.max_loaded} is below the number of command-line adapters")
         self.specs[spec.name] = spec
         try:
-            self.ensure_loaded([spec.name])
+            self.ensure_loaded([spec.name], files={spec.name: files} if files is not None else {})
         except Exception:
             del self.specs[spec.name]
             raise
@@ -89,9 +100,11 @@ class ModelHost:
         pinned = sum(s.pinned for s in self.specs.values())
         return len(wanted) + pinned <= self.max_loaded
 
-    def ensure_loaded(self, names: Iterable[Optional[str]], keep: Iterable[Optional[str]] = ()) -> None:
+    def ensure_loaded(self, names: Iterable[Optional[str]], keep: Iterable[Optional[str]] = (),
+                      files: Optional[dict] = None) -> None:
         """Load every adapter of ``names`` not on the device, evicting the least recently used unpinned
-        adapters that neither ``names`` nor ``keep`` (the rest of the batch) needs."""
+        adapters that neither ``names`` nor ``keep`` (the rest of the batch) needs; ``files``: adapters
+        already read (:meth:`read`) by name, the others are read from disk here."""
         needed = [n for n in dict.fromkeys(names) if n is not None]
         spare = set(needed) | set(keep)
         for name in needed:
@@ -106,28 +119,59 @@ class ModelHost:
                     raise ServeError(503, f"adapter {name!r} cannot be loaded: all {self.max_loaded} slots "
                                           "(--max-loaded-adapters) are in use")
                 self._unload(victim)
-            self._load(self.specs[name])
+            self._load(self.specs[name], (files or {}).get(name))
 
-    def _load(self, spec: AdapterSpec) -> None:
+    def read(self, spec: AdapterSpec) -> ReadAdapter:
+        """Read and check adapter ``spec``'s files and put its tensors on the model's device. It does not
+        touch the model, so any thread may call it (a runtime load calls it off the worker).
+
+        Raises:
+            ServeError: 422 for files that cannot be read or hold bad values.
+        """
+        from ..checkpoint import CheckpointError, read_adapter
+        from ..config import ConfigError
+
+        try:
+            files = read_adapter(spec.path)
+        except (CheckpointError, ConfigError, ValueError, TypeError, KeyError, OSError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ServeError(422, f"adapter {spec.name!r} cannot be read: {first}") from None
+        device = next(self.base.parameters()).device
+        return ReadAdapter(files.config.for_load(False), {k: v.to(device) for k, v in files.weights.items()})
+
+    def _load(self, spec: AdapterSpec, files: Optional[ReadAdapter] = None) -> None:
+        """Insert adapter ``spec`` (read from disk first unless ``files`` holds it). Its layers are made
+        empty on the ``meta`` device and take the read tensors by assignment: no initialisation."""
         from ..checkpoint import CheckpointError
         from ..config import ConfigError
+        from ..injection import Undo
+        from ..mapping import set_peft_model_state_dict
         from ..targeting import TargetError
 
+        files = files if files is not None else self.read(spec)
         head = self._head()
         resized = spec.num_labels and isinstance(head, nn.Linear) and head.out_features != spec.num_labels
         if resized:
             # An adapter's head is a copy of the base head made when the adapter is added; a copy of another
             # size lets each task keep its own number of classes on one base.
             self._set_head(nn.Linear(head.in_features, spec.num_labels, bias=head.bias is not None,
-                                     device=head.weight.device, dtype=head.weight.dtype))
+                                     device="meta", dtype=head.weight.dtype))
+        first = self.peft is None
+        undo = Undo(self.base if first else self.peft)  # a failed load puts all of it back
         try:
-            if self.peft is None:
-                self.peft = self.peft_class.from_pretrained(self.base, spec.path, adapter_name=spec.name)
+            if first:
+                self.peft = self.peft_class(self.base, files.config, spec.name, low_cpu_mem_usage=True)
             else:
-                self.peft.load_adapter(spec.path, adapter_name=spec.name)
+                self.peft.add_adapter(spec.name, files.config, low_cpu_mem_usage=True)
+            set_peft_model_state_dict(self.peft, files.weights, spec.name)
         except (CheckpointError, ConfigError, TargetError, ValueError, TypeError, FileNotFoundError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ServeError(422, f"adapter {spec.name!r} does not fit the base model: {first}") from None
+            if first:
+                self.peft = None
+            else:
+                self.peft.peft_config.pop(spec.name, None)
+            undo()
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ServeError(422, f"adapter {spec.name!r} does not fit the base model: {first_line}") from None
         finally:
             if resized:
                 self._set_head(head)

@@ -264,19 +264,23 @@ class DeltaServer:
         return job
 
     async def load_adapter(self, name: str, path: str) -> AdapterSpec:
-        """Read and check adapter ``path`` (off the worker thread), then load it between batches."""
+        """Read and check adapter ``path`` and make its tensors (off the worker thread), then insert it
+        between batches."""
         from .paths import confine
 
         name = check_name(name, (self.name,))
         if name in self.host.specs:
             raise ServeError(409, f"an adapter named {name!r} is already loaded; unload it first", param="lora_name")
         real = confine(self.config.adapter_root, path)
+        # Reading, checking and making the tensors happen here, off the worker: requests for other adapters
+        # go on meanwhile; the worker only inserts the finished tensors, between batches.
         spec = await asyncio.to_thread(read_spec, name, real, self.host.base_params, False, self.config.adapter_root)
+        files = await asyncio.to_thread(self.host.read, spec)
 
         def add():  # checked again just before loading: a link swapped in meanwhile still cannot lead out
             if confine(self.config.adapter_root, real) != real:
                 raise ServeError(409, f"adapter folder {path!r} changed while it was being loaded; try again")
-            self.host.add(spec)
+            self.host.add(spec, files)
 
         await asyncio.wrap_future(self.worker.control(add))
         log.info("loaded adapter %s from %s", name, real)
