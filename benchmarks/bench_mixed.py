@@ -41,9 +41,21 @@ def _call(model, ids, names=None):
     return run
 
 
-def _ratios(base, models: dict, ids, names, rounds: int, reps: int) -> dict:
-    fns = {"base": _call(base, ids)}
-    fns.update({lib: _call(m, ids, names) for lib, m in models.items()})
+def _generate(model, ids, names=None, new_tokens: int = 16):
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens (KV cache on): ``new_tokens - 1`` of the steps
+    decode one token per row, so the ratio to the base is mostly decode's."""
+    kwargs = {} if names is None else {"adapter_names": names}
+
+    def run():
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+    return run
+
+
+def _ratios(base, models: dict, ids, names, rounds: int, reps: int, call=_call) -> dict:
+    fns = {"base": call(base, ids)}
+    fns.update({lib: call(m, ids, names) for lib, m in models.items()})
     t = bench.best_of(fns, rounds=rounds, reps=reps)
     return {lib: t[lib] / t["base"] for lib in models}
 
@@ -58,6 +70,13 @@ def group_mixed(rounds: int) -> list[tuple]:
     rows.append(("mixed decode, 4 adapters / base decode (4x1, eval)", r["deltatune"], r["peft"]))
     r = _ratios(base, models, bench.batch(32, 64), [f"a{i % 8}" for i in range(32)], rounds, reps=2)
     rows.append(("mixed prefill, 8 adapters / base prefill (32x64, eval)", r["deltatune"], r["peft"]))
+    prompt = bench.batch(4, 8)
+    r = _ratios(base, models, prompt, [f"a{i}" for i in range(4)], rounds, reps=2, call=_generate)
+    rows.append(("mixed generate, 4 adapters / base generate (4 x 8 prompt + 16 new tokens, KV cache)",
+                 r["deltatune"], r["peft"]))
+    r = _ratios(base, models, bench.batch(32, 8), [f"a{i}" for i in range(32)], rounds, reps=1, call=_generate)
+    rows.append(("mixed generate, 32 distinct adapters in 32 rows / base generate (32 x 8 + 16 new)",
+                 r["deltatune"], r["peft"]))
     ids = bench.batch(32, 1)
     for distinct in (1, 2, 4, 8, 16, 32):
         r = _ratios(base, models, ids, [f"a{i % distinct}" for i in range(32)], rounds, reps=10)
@@ -67,4 +86,6 @@ def group_mixed(rounds: int) -> list[tuple]:
     dora = {"deltatune": _many("deltatune", 4, dora=True)}
     r = _ratios(base, dora, bench.batch(4, 1), [f"a{i}" for i in range(4)], rounds, reps=20)
     rows.append(("DoRA mixed decode, 4 adapters / base decode (4x1, eval)", r["deltatune"], None))
+    r = _ratios(base, dora, prompt, [f"a{i}" for i in range(4)], rounds, reps=2, call=_generate)
+    rows.append(("DoRA mixed generate, 4 adapters / base generate (4 x 8 + 16 new)", r["deltatune"], None))
     return rows

@@ -297,6 +297,10 @@ def linear_no_grad(layer, x: Tensor, weight: Tensor, bias: Optional[Tensor], pla
     if found.scale is None and weight.dtype in (torch.float32, torch.float64):
         out = torch.mm(h, stack.up) if bias is None else torch.addmm(bias, h, stack.up)
         out.addmm_(x2, weight.t())
+    elif found.scale is not None and tokens == 1:
+        # DoRA at decode: ``(b + delta) + c * (x W^T)``, one op fewer than scaling the base output in place
+        out = torch.mm(h, stack.up) if bias is None else torch.addmm(bias, h, stack.up)
+        out.addcmul_(torch.mm(x2, weight.t()), found.scale)
     else:
         out = torch.mm(x2, weight.t())
         if found.scale is not None:
