@@ -51,7 +51,7 @@ class ModulesToSaveWrapper(nn.Module):
     def route_rows(self, plan) -> None:
         """Run each row of the following calls through the copy of the adapter ``plan`` names for it (the
         original module for base rows and adapters without a copy here); None: back to the active one."""
-        self.rows = plan
+        self.__dict__["rows"] = plan  # (set twice per call on every layer: skip nn.Module.__setattr__)
 
     def forward(self, *args, **kwargs):
         if self.rows is None:

@@ -223,7 +223,7 @@ class LoraLayer(nn.Module):
     def route_rows(self, plan) -> None:
         """Run each row of the following calls through the adapter ``plan`` names for it (a
         :class:`~deltatune.row_routing.RowPlan`; None: back to the active adapters). See :mod:`.mixed`."""
-        self.rows = plan
+        self.__dict__["rows"] = plan  # (set twice per call on every layer: skip nn.Module.__setattr__)
 
     def _forward_rows(self, x: Tensor, out: Tensor) -> Tensor:
         return mixed.forward(self, x, out, self.rows)
