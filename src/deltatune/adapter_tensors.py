@@ -1,6 +1,7 @@
 """Which tensors belong to an adapter, found on the modules that hold them; and which of them train.
 
-An adapter's tensors are its layers' declared tensors (``layer.adapter_params(name)``), its prompt
+An adapter's tensors are its layers' declared tensors (``layer.adapter_params(name)``), the tensors its
+method holds once per model (``registry.Method.shared_tensors``: VeRA's saved projections), its prompt
 encoder's, its modules_to_save copies (parameters and buffers) and, per its ``bias`` setting, base
 biases. Both trainability (:func:`activate`) and checkpoints (``checkpoint.keys``, which only renames the
 layer tensors to peft's key names) read them from here, so the two always agree.
@@ -13,8 +14,9 @@ from typing import Callable, Optional, Sequence
 from torch import Tensor, nn
 
 from . import injection
+from .host import AdapterHost
 from .modules_to_save import ModulesToSaveWrapper
-from .registry import adapter_layer_types
+from .registry import adapter_layer_types, shared_tensor_hooks
 
 #: ``(module_name, layer, role) -> key`` for a layer's adapter tensor.
 LayerKey = Callable[[str, nn.Module, str], str]
@@ -31,8 +33,8 @@ def named_tensors(model: nn.Module, adapter_name: str, bias: str = "none", peft_
     Args:
         model: A model with adapter layers (or a PeftModel, whose prompt encoders count too).
         adapter_name: Which adapter.
-        bias: ``"none"``, ``"lora_only"`` (the base biases of every adapted layer) or ``"all"`` (every
-            module's bias).
+        bias: ``"none"``, ``"<method>_only"`` (``"lora_only"``, ``"oft_only"``, ``"vera_only"``: the base
+            biases of every adapted layer) or ``"all"`` (every module's bias).
         peft_layout: With ``bias="all"``, also list the biases inside modules_to_save wrappers under
             both of peft's names (so saved files carry the same key set as peft's).
         for_save: Take what a layer saves rather than what it trains (AdaLoRA keeps only its unpruned
@@ -47,9 +49,11 @@ def named_tensors(model: nn.Module, adapter_name: str, bias: str = "none", peft_
                 else layer.adapter_params(adapter_name)
             for role, tensor in params.items():
                 out[layer_key(name, layer, role)] = tensor
-        # As in peft, "lora_only" means the biases of every adapted layer, whichever adapter it holds.
-        if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+        # As in peft, "lora_only" (any "<method>_only") means the biases of every adapted layer, whichever
+        # adapter it holds.
+        if bias.endswith("_only") and getattr(layer.base_layer, "bias", None) is not None:
             out[_bias_key(name, layer, adapter_name)] = layer.base_layer.bias
+    out.update(shared_tensors(model, adapter_name))
     prompts = getattr(model, "prompt_encoder", None)
     if isinstance(prompts, nn.ModuleDict) and adapter_name in prompts:
         out.update(prompts[adapter_name].adapter_params())  # root-level keys, as peft saves them
@@ -60,6 +64,21 @@ def named_tensors(model: nn.Module, adapter_name: str, bias: str = "none", peft_
     if bias == "all":
         out.update(_all_biases(model, adapter_name, peft_layout))
     return out
+
+
+def shared_key_prefix(model: nn.Module) -> str:
+    """Where a method's shared tensors are keyed: on the tuner model, as peft keys them (``base_model.``) in a
+    PeftModel (any object whose ``base_model`` is an :class:`~deltatune.host.AdapterHost`), at the root of a
+    bare adapted model."""
+    return "base_model." if isinstance(getattr(model, "base_model", None), AdapterHost) else ""
+
+
+def shared_tensors(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:
+    """The tensors adapter ``adapter_name`` holds once per model (``registry.Method.shared_tensors``), keyed
+    ``<shared_key_prefix><name>`` (e.g. ``base_model.vera_A``)."""
+    prefix = shared_key_prefix(model)
+    return {prefix + name: tensor for method in shared_tensor_hooks()
+            for name, tensor in method.shared_tensors(model, adapter_name).items()}
 
 
 def _bias_key(name: str, layer: nn.Module, adapter_name: str) -> str:
@@ -110,4 +129,4 @@ def activate(model: nn.Module, names: Sequence[str], configs: dict) -> None:
                 tensor.requires_grad_(True)
 
 
-__all__ = ["activate", "named_tensors"]
+__all__ = ["activate", "named_tensors", "shared_key_prefix", "shared_tensors"]

@@ -88,6 +88,17 @@ class Method:
     #: Optional ``(model, config, adapter_name, autocast_adapter_dtype, device) -> names``: layers of another
     #: kind the adapter adds after its own (LoRA's ``trainable_token_indices``), within the same undo.
     attach: Optional[Callable] = None
+    #: Names of tensors an adapter holds once per model rather than in a layer (VeRA's shared projections
+    #: ``vera_A``, ``vera_B``). peft saves them from its tuner model: keyed ``base_model.<name>`` in a PeftModel's
+    #: files (``<name>`` for a bare adapted model).
+    shared_names: tuple[str, ...] = ()
+    #: Optional ``(model, adapter_name) -> {name: tensor}``: the live shared tensors of one adapter of
+    #: ``model`` that go into its checkpoint (names from ``shared_names``; empty if it has none or saves none).
+    shared_tensors: Optional[Callable] = None
+    #: Optional ``(model, adapter_name, {name: tensor}) -> apply``: check a checkpoint's shared tensors for one
+    #: adapter (ValueError naming the problem) and return the no-argument function that puts them in place;
+    #: loading calls it only after every other checkpoint tensor has passed its checks (all-or-nothing).
+    load_shared_tensors: Optional[Callable] = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,17 @@ def adapter_key_suffixes() -> list[str]:
     found = {s for m in _METHODS.values() if isinstance(m, Method) for kind in m.checkpoint_keys.values()
              for s in kind.values()}
     return sorted(found, key=lambda s: (-len(s), s))
+
+
+def shared_tensor_names() -> list[str]:
+    """Every method's ``shared_names`` (see :attr:`Method.shared_names`)."""
+    return sorted({n for m in _METHODS.values() if isinstance(m, Method) for n in m.shared_names})
+
+
+def shared_tensor_hooks() -> list[Method]:
+    """The methods whose adapters may hold shared tensors (``shared_tensors`` and ``load_shared_tensors``
+    set)."""
+    return [m for m in _METHODS.values() if isinstance(m, Method) and m.shared_tensors is not None]
 
 
 def prompt_checkpoint_keys() -> list[str]:

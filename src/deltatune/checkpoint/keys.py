@@ -2,7 +2,8 @@
 
 A layer's adapter tensor is keyed as the module path (adapter name left out) plus the suffix its method
 registered for the role (``registry.Method.checkpoint_keys``), e.g. ``...q_proj.lora_A.weight``. Other
-tensors (modules_to_save copies, biases, prompts) keep the names :mod:`deltatune.adapter_tensors` gives them.
+tensors (modules_to_save copies, biases, prompts, a method's shared tensors such as ``base_model.vera_A``)
+keep the names :mod:`deltatune.adapter_tensors` gives them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Iterable, Optional
 from torch import Tensor, nn
 
 from ..adapter_tensors import named_tensors
-from ..registry import adapter_key_suffixes, checkpoint_suffixes
+from ..registry import adapter_key_suffixes, checkpoint_suffixes, shared_tensor_names
 from .errors import CheckpointError
 from .sharded import full_value
 
@@ -61,11 +62,13 @@ def to_peft_keys(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str
 
 def from_peft_keys(model: nn.Module, weights: dict[str, Tensor], adapter_name: str) -> dict[str, Tensor]:
     """Keys of a peft file (or state dict, with or without the ``base_model.model.`` prefix) as this
-    PeftModel names its tensors; root keys such as ``prompt_embeddings`` name no module and stay."""
+    PeftModel names its tensors; root keys such as ``prompt_embeddings`` name no module and stay, and so do
+    the tuner-level keys of a method's shared tensors (``base_model.vera_A``)."""
     prompt = _is_prompt_adapter(model, adapter_name)
+    tuner_keys = {f"base_model.{name}" for name in shared_tensor_names()}
     out = {}
     for key, value in weights.items():
-        if "." not in key or key.startswith(ROOT):
+        if "." not in key or key.startswith(ROOT) or key in tuner_keys:
             out[key] = value
         elif prompt and key.startswith("base_model."):
             out[ROOT + key[len("base_model."):]] = value
@@ -147,9 +150,19 @@ def state_dict_for_save(model: nn.Module, adapter_name: str, bias: str = "none",
 
 def values_from_state_dict(model: nn.Module, tensors: dict[str, Tensor], state_dict: dict) -> dict[str, Tensor]:
     """The values ``state_dict`` (keyed as ``model.state_dict()`` names them) holds for the live ``tensors``
-    (matched by identity, so any key scheme of ``tensors`` works); tensors it lacks are left out."""
+    (matched by identity, so any key scheme of ``tensors`` works); tensors it lacks are left out, except
+    non-persistent buffers (e.g. VeRA's frozen projections), which no state dict holds: those are taken live."""
     internal = {id(t): without_wrappers(n) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-    return {k: state_dict[internal[id(v)]] for k, v in tensors.items() if internal.get(id(v)) in state_dict}
+    out = {k: state_dict[internal[id(v)]] for k, v in tensors.items() if internal.get(id(v)) in state_dict}
+    transient = _non_persistent_buffers(model)
+    out.update({k: v for k, v in tensors.items() if k not in out and id(v) in transient})
+    return out
+
+
+def _non_persistent_buffers(model: nn.Module) -> set[int]:
+    """``id`` of every buffer of ``model`` registered with ``persistent=False``."""
+    return {id(m._buffers[n]) for m in model.modules() for n in m._non_persistent_buffers_set
+            if m._buffers.get(n) is not None}
 
 
 __all__ = ["ROOT", "adapted_module_names", "adapter_tensors", "from_peft_keys", "rename_keys", "saved_tensors",

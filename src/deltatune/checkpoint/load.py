@@ -9,7 +9,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..adapter_tensors import shared_key_prefix
 from ..injection import assign_parameters
+from ..registry import shared_tensor_hooks
 from .errors import CheckpointError
 from .keys import adapter_tensors, without_wrappers
 from .sharded import as_target_layout
@@ -28,7 +30,9 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
 
     Every key is resolved and every shape checked before the first tensor is copied, so a bad
     checkpoint raises :class:`CheckpointError` and leaves the model unchanged (``ignore_mismatched_sizes``:
-    tensors of another shape are skipped with a warning instead). Keys naming other model parameters
+    tensors of another shape are skipped with a warning instead). A method's shared tensors (``base_model.vera_A``)
+    are checked and put in place by the method (``registry.Method.load_shared_tensors``; their shapes follow
+    its rules, not ``ignore_mismatched_sizes``). Keys naming other model parameters
     (e.g. a base embedding peft saved with ``save_embedding_layers``) are loaded as well. Tensors created
     empty on the ``meta`` device (``low_cpu_mem_usage``) are replaced by the loaded values.
 
@@ -42,8 +46,11 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
     # ``x.base_layer.bias`` (its layer had an adapter then) is ``x.bias`` on a plain layer now.
     wanted = {_unwrapped(k): v for k, v in adapter_tensors(model, adapter_name, bias, peft_layout=True).items()}
     others = {_unwrapped(n): p for n, p in model.named_parameters()}
+    shared_keys, put_shared = _shared_plan(model, state_dict, adapter_name)
     plan, skipped = [], []
     for key, tensor in sorted(state_dict.items()):  # (the first bad key named does not depend on file order)
+        if key in shared_keys:
+            continue
         target = wanted.get(_unwrapped(key), others.get(_unwrapped(key)))
         if target is None:
             close = [k for k in wanted if k.rsplit(".", 2)[0] == key.rsplit(".", 2)[0]][:3]
@@ -67,6 +74,8 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
         raise CheckpointError(f"the checkpoint has no values for {len(empty)} tensor(s) of adapter {adapter_name!r} "
                               f"that were created empty (low_cpu_mem_usage), e.g. {empty[:3]}; nothing was loaded")
     with torch.no_grad():
+        for put in put_shared:
+            put()
         for target, tensor in plan:
             if not target.is_meta:  # (into a DTensor shard: this rank's part of the full checkpoint tensor)
                 target.copy_(as_target_layout(tensor, target))
@@ -75,6 +84,21 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
         warnings.warn(f"ignore_mismatched_sizes: {len(skipped)} tensor(s) of another shape were not loaded: "
                       f"{[m for _, m in skipped[:5]]}", UserWarning, stacklevel=3)
     return LoadResult([k for k in wanted if k not in provided], [])
+
+
+def _shared_plan(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str) -> tuple[set[str], list]:
+    """The checkpoint keys of methods' shared tensors and, checked by each method, the functions that put
+    them in place (a method's check failing raises :class:`CheckpointError`)."""
+    prefix = shared_key_prefix(model)
+    keys, puts = set(), []
+    for method in shared_tensor_hooks():
+        given = {name: state_dict[prefix + name] for name in method.shared_names if prefix + name in state_dict}
+        keys.update(prefix + name for name in given)
+        try:
+            puts.append(method.load_shared_tensors(model, adapter_name, given))
+        except ValueError as exc:
+            raise CheckpointError(f"{exc}; the model was left unchanged") from None
+    return keys, puts
 
 
 _BASE_TENSOR = re.compile(r"\.base_layer\.([^.]+)$")

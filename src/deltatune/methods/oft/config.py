@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from ...config import ConfigError, PeftConfig, PeftType, check_number
 
-_BIAS_CHOICES = ("none", "all")
+_BIAS_CHOICES = ("none", "all", "oft_only")
 
 
 @dataclass
@@ -30,7 +30,9 @@ class OFTConfig(PeftConfig):
         layers_pattern: Name(s) of the layer container used to find the index.
         fan_in_fan_out: peft's field; OFT adapts ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding`` (no GPT-2
             ``Conv1D``), so it must be False.
-        bias: ``"none"`` or ``"all"`` (every bias in the model trains). peft's ``"oft_only"`` is refused.
+        bias: Which biases train and are saved with the adapter: ``"none"``, ``"all"`` (every bias in the model)
+            or ``"oft_only"`` (the base biases of the adapted layers, keyed ``<module>.base_layer.bias``). The
+            rotation acts on the input, so a trained bias is added after the rotated product, as in peft.
         modules_to_save: Modules trained in full and saved with the adapter.
         init_weights: ``True``: zero skew parameters, ``R = I`` (the model starts as the base); ``False``:
             ``N(0, 0.1)`` (tests).
@@ -80,9 +82,7 @@ class OFTConfig(PeftConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.bias not in _BIAS_CHOICES:
-            extra = (" (peft's 'oft_only' is not supported by deltatune yet: use 'all' or 'none')"
-                     if self.bias == "oft_only" else "")
-            raise ConfigError(f"bias must be one of {_BIAS_CHOICES}, got {self.bias!r}{extra}")
+            raise ConfigError(f"bias must be one of {_BIAS_CHOICES}, got {self.bias!r}")
         if self.fan_in_fan_out:
             raise ConfigError("fan_in_fan_out=True: OFT adapts nn.Linear, nn.Conv2d and nn.Embedding only "
                               "(no Conv1D with (in, out) weights), as in peft")

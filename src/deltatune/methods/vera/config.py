@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from ...config import ConfigError, PeftConfig, PeftType, check_number
 
-_BIAS_CHOICES = ("none", "all")
+_BIAS_CHOICES = ("none", "all", "vera_only")
 
 
 @dataclass
@@ -22,14 +22,15 @@ class VeraConfig(PeftConfig):
         target_modules: Modules to adapt (``nn.Linear``, GPT-2 ``Conv1D``; list, regex or ``"all-linear"``).
         projection_prng_key: Seed of the CPU ``torch.Generator`` the projections are drawn from
             (Kaiming-uniform, ``A`` first, then ``B``), as peft draws them.
-        save_projection: Save ``vera_A``/``vera_B`` in the checkpoint (peft's default). This deltatune version
-            can neither write nor read those model-level keys, so it needs ``save_projection=False``: the
-            projections are then regenerated from ``projection_prng_key`` on load (bit-identical to peft's
-            on the CPU generator).
+        save_projection: Save the shared pair in the checkpoint, as peft does (peft's default): keys
+            ``base_model.vera_A: (r, max_in)`` and ``base_model.vera_B: (max_out, r)``; loading then uses the
+            file's pair. ``False``: the pair is regenerated from ``projection_prng_key`` on load (bit-identical
+            to peft's on the CPU generator). A checkpoint that holds the pair is loaded with it either way.
         vera_dropout: Dropout probability on the adapter's input, in ``[0, 1)``.
         d_initial: Initial value of every ``λ_d`` entry (``λ_b`` starts at 0, so the model starts as the base).
         fan_in_fan_out: Weights stored ``(in, out)`` (GPT-2 ``Conv1D``); set automatically for Conv1D.
-        bias: ``"none"`` or ``"all"``; peft's ``"vera_only"`` is refused.
+        bias: Which biases train and are saved with the adapter: ``"none"``, ``"all"`` (every bias in the model)
+            or ``"vera_only"`` (the base biases of the adapted layers, keyed ``<module>.base_layer.bias``).
         modules_to_save: Modules trained in full and saved with the adapter.
         init_weights: ``True``: ``λ_b = 0``, ``λ_d = d_initial``; ``False``: ``λ_b = 1``, ``λ_d ~ N(0, 1)`` (tests).
         layers_to_transform: Only adapt layers with these indices.
@@ -65,9 +66,7 @@ class VeraConfig(PeftConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.bias not in _BIAS_CHOICES:
-            extra = (" (peft's 'vera_only' is not supported by deltatune yet: use 'all' or 'none')"
-                     if self.bias == "vera_only" else "")
-            raise ConfigError(f"bias must be one of {_BIAS_CHOICES}, got {self.bias!r}{extra}")
+            raise ConfigError(f"bias must be one of {_BIAS_CHOICES}, got {self.bias!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is set but layers_to_transform is not: give both")
 
