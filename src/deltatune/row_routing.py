@@ -132,18 +132,26 @@ def _modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     module tree itself: into an adapter layer only through its ``base_layer`` (where nested layers live),
     never through its adapters (``model.modules()`` would visit every adapter of every layer)."""
     layer_types = adapter_layer_types()
+    kinds: dict[type, tuple[bool, bool]] = {}  # (a model repeats a few classes: one class test each)
     layers, routable, stack = [], [], [model]
     while stack:
         module = stack.pop()
-        if callable(getattr(type(module), "route_rows", None)):  # (a class lookup: no nn.Module.__getattr__)
+        cls = type(module)
+        kind = kinds.get(cls)
+        if kind is None:  # (a class lookup: no nn.Module.__getattr__)
+            kind = kinds[cls] = (issubclass(cls, layer_types), callable(getattr(cls, "route_rows", None)))
+        is_layer, routes = kind
+        if routes:
             routable.append(module)
-        if isinstance(module, layer_types):
+        if is_layer:
             layers.append(module)
             base = module._modules.get("base_layer")
             if base is not None:
                 stack.append(base)
-        elif not routable or routable[-1] is not module:  # (a routing wrapper's own copies hold no layers)
-            stack.extend(m for m in module._modules.values() if m is not None)
+        elif not routes:  # (a routing wrapper's own copies hold no layers)
+            for child in module._modules.values():
+                if child is not None:
+                    stack.append(child)
     return layers, routable
 
 
