@@ -95,10 +95,10 @@ def _as_column(v: Tensor, B: Tensor) -> Tensor:
     return v.reshape((-1,) + (1,) * (B.dim() - 1)).to(B.dtype)
 
 
-def _stack(layer, names: tuple[str, ...], dtype: torch.dtype) -> Stack:
-    """The no-grad stack, from the layer's cache while its tensors are unchanged."""
+def _stack(layer, mods: dict, names: tuple[str, ...], dtype: torch.dtype) -> Stack:
+    """The no-grad stack, from the layer's cache while its tensors are unchanged (``mods``: the layer's
+    adapters by name)."""
     # (Runs per layer per call: one plain loop over the adapters.)
-    mods = layer.adapters._modules
     tensors, scalings, rescales = [], [], False
     for n in names:
         ad = mods[n]
@@ -117,7 +117,7 @@ def _stack(layer, names: tuple[str, ...], dtype: torch.dtype) -> Stack:
             tensors.append(extra)
             rescales = True
     if rescales:  # (DoRA's scale and shift also derive from the base weight and bias; LoRA's factors do not)
-        base = layer.base_layer
+        base = layer._modules["base_layer"]
         tensors += (base.weight, getattr(base, "bias", None))
     entry = layer.cache.lookup(("mixed", names, dtype), tuple(tensors), tuple(scalings))
     if entry is None:
@@ -215,12 +215,12 @@ def _rows(layer, x: Tensor, plan, grad: bool) -> Optional[_Rows]:
         found = memo.get(key)
         if found is not None:
             return found
-    mods = layer.adapters._modules
+    mods = layer._modules["adapters"]._modules  # (per layer per call: no nn.Module.__getattr__)
     names = tuple([n for n in plan.unique if n in mods])
     if not names:
         return None
     dtype = x.dtype if x.is_floating_point() and not grad else mods[names[0]].lora_A.dtype
-    stack = _build(layer, names, dtype) if grad else _stack(layer, names, dtype)
+    stack = _build(layer, names, dtype) if grad else _stack(layer, mods, names, dtype)
     shared_key = ("rows", names, stack.ranks, rows, dtype)
     shared = memo.get(shared_key)
     if shared is None:
