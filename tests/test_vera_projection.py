@@ -192,6 +192,9 @@ def _saved(tmp_path, **changes):
     ({"base_model.vera_B": torch.zeros(16, 4)}, r"vera_B has shape \(16, 4\) but .* needs \(>= 32, 4\)"),
     ({"base_model.vera_B": torch.zeros(32, 4, dtype=torch.int64)}, r"vera_B has dtype torch.int64"),
     ({"base_model.vera_B": None}, r"holds \['vera_A'\] without \['vera_B'\]"),
+    # a good pair with a bad layer tensor: the pair is not adopted either (all-or-nothing)
+    ({"base_model.vera_A": torch.ones(4, 64), "base_model.model.model.layers.0.self_attn.q_proj.vera_lambda_d":
+      torch.zeros(5)}, r"'base_model.model.model.layers.0.self_attn.q_proj.vera_lambda_d' has shape \(5,\)"),
 ])
 def test_bad_projections_in_a_file_are_refused_by_name_with_nothing_changed(changes, message, tmp_path):
     _saved(tmp_path, **changes)
