@@ -54,6 +54,7 @@ class RunOptions:
     output: Optional[str] = None
     overwrite: bool = False
     threads: Optional[int] = None        # torch CPU threads; None = torch's default (one per core)
+    fsdp: bool = False                   # shard with FSDP2 under torchrun/accelerate launch (cli/distributed.py)
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # for `deltatune ab`
     methods: list = field(default_factory=lambda: ["lora", "dora"])  # for `deltatune ab`
 
@@ -109,6 +110,8 @@ def validate(o: RunOptions) -> None:
     for method in [o.method, *o.methods]:
         if method not in METHODS:
             raise UsageError(f"unknown method {method!r}; available: {list(METHODS)}")
+    if not isinstance(o.fsdp, bool) or (o.fsdp and o.task == "image-cls"):
+        raise UsageError(f"--fsdp is a switch for --task seq-cls or causal-lm, got {o.fsdp!r} with {o.task!r}")
     if o.threads is not None and (not isinstance(o.threads, int) or o.threads < 1):
         raise UsageError(f"--threads must be an integer >= 1, got {o.threads!r}")
     for name, low in (("r", 1), ("epochs", 1), ("batch_size", 1), ("max_length", 2)):
@@ -158,6 +161,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, single_run: bool = True) 
     a("--max-length", dest="max_length", type=int, help="max tokens per example (default 64)")
     if single_run:
         a("--seed", type=int, help="random seed (default 0)")
+        a("--fsdp", action="store_const", const=True,
+          help="FSDP2: shard each layer and the model over the processes of torchrun/accelerate launch (default: DDP)")
     a("--output", help="run folder (default runs/<task>-<method>-<time>)")
     a("--overwrite", action="store_const", const=True, help="replace an existing run folder")
     a("--threads", type=int, help="CPU threads for torch (default: one per core; on a machine busy with "

@@ -21,6 +21,7 @@ import torch
 
 from ..mapping import get_peft_model
 from .data import EncodedDataset, TextData, load_text_data
+from .distributed import check_fsdp_run, hand_over, save_adapter, shard_model
 from .method_labels import CONFIG_BUILDERS
 from .options import RunOptions, UsageError
 from .run_folder import RunFolder, is_main_process, world_size  # (ab.py imports them from here too)
@@ -147,6 +148,7 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
     )
     trainer = _SeededTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, data_collator=collator,
                       compute_metrics=_accuracy if o.task == "seq-cls" else None)
+    hand_over(trainer)  # (a sharded model: no DDP wrap, see cli/distributed.py)
     if o.task == "seq-cls":
         # Classification heads average their loss per batch and ignore num_items_in_batch, yet the
         # Trainer (seeing **kwargs in forward) would scale the loss by the process count under DDP.
@@ -235,6 +237,8 @@ def run_one(o: RunOptions, data: TextData, tokenizer, base_path: str, workdir: s
     """Train one adapter; returns (fit result, peft model)."""
     torch.manual_seed(o.seed)
     model = get_peft_model(load_base_model(base_path, o.task, data.labels), method_config(o, method, base_path))
+    if o.fsdp:
+        shard_model(model)  # after injection: base and adapter sharded together
     result = fit(model, o, data, tokenizer, o.lr, workdir, method)
     return result, model
 
@@ -331,16 +335,17 @@ def train_command(o: RunOptions) -> dict:
     data = load_text_data(o)
     base_path = model_dir(o)
     tokenizer = load_tokenizer(base_path)
+    check_fsdp_run(o, is_chat(data.train))
     if is_chat(data.train):
         return chat_command(o, data, tokenizer, base_path)
     folder = RunFolder(o.output or default_output(o), o.overwrite)
     with folder as workdir:
         baseline = run_baseline(o, data, tokenizer, base_path, workdir) if o.baseline and o.task == "seq-cls" else None
         result, model = run_one(o, data, tokenizer, base_path, workdir, o.method)
+        adapter_dir = os.path.join(workdir, "adapter")
+        save_adapter(model, adapter_dir)  # (every rank: a sharded model gathers its shards, rank 0 writes)
         if not is_main_process():
             return {}
-        adapter_dir = os.path.join(workdir, "adapter")
-        model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
         metrics = report.metrics(o, data, base_path, adapter_dir, baseline, result)
         metrics["warnings"] = advice.run_warnings(o.task, result.history, data.test, len(data.train), o.epochs,
