@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .method_labels import METHODS
+from .method_labels import LABEL_DEFAULTS, METHODS
 
 TASKS = ("seq-cls", "causal-lm", "image-cls")
 DEFAULT_TARGETS = {
@@ -57,6 +57,10 @@ class RunOptions:
     fsdp: bool = False                   # shard with FSDP2 under torchrun/accelerate launch (cli/distributed.py)
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # for `deltatune ab`
     methods: list = field(default_factory=lambda: ["lora", "dora"])  # for `deltatune ab`
+    quantize: Optional[str] = None       # "4bit"/"8bit": load the base through bitsandbytes (QLoRA)
+    # `deltatune ab`: per label of `methods`, the label's own defaults (LABEL_DEFAULTS) that neither the
+    # config file nor a flag overrode; set by resolve(), never read from a file
+    label_settings: dict = field(default_factory=dict)
 
     def targets(self):
         return self.target if self.target is not None else DEFAULT_TARGETS[self.task]
@@ -90,7 +94,7 @@ def resolve(args: argparse.Namespace, given: set[str]) -> RunOptions:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         values.update(read_config_file(args.config))
-    known = {f.name for f in dataclasses.fields(RunOptions)}
+    known = {f.name for f in dataclasses.fields(RunOptions)} - {"label_settings"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise UsageError(f"unknown option(s) {unknown} in {args.config}; known: {sorted(known)}")
@@ -99,6 +103,13 @@ def resolve(args: argparse.Namespace, given: set[str]) -> RunOptions:
     if values.get("task") == "causal-lm" and values.get("data") is None:
         for name, value in CHAT_JOB_DEFAULTS.items():  # (only where neither the file nor a flag set it)
             values.setdefault(name, value)
+    # A label's own settings fill only what neither the file nor a flag set; `ab` runs several labels
+    # under one set of options, so it keeps them per label.
+    method = values.get("method", RunOptions.method)
+    unset = {label: {k: v for k, v in LABEL_DEFAULTS.get(label, {}).items() if k not in values}
+             for label in {method, *values.get("methods", RunOptions().methods)}}
+    values.update(unset[method])
+    values["label_settings"] = {label: settings for label, settings in unset.items() if settings}
     options = RunOptions(**values)
     validate(options)
     return options
@@ -110,6 +121,8 @@ def validate(o: RunOptions) -> None:
     for method in [o.method, *o.methods]:
         if method not in METHODS:
             raise UsageError(f"unknown method {method!r}; available: {list(METHODS)}")
+    if o.quantize not in (None, "4bit", "8bit"):
+        raise UsageError(f"--quantize must be 4bit or 8bit, got {o.quantize!r}")
     if not isinstance(o.fsdp, bool) or (o.fsdp and o.task == "image-cls"):
         raise UsageError(f"--fsdp is a switch for --task seq-cls or causal-lm, got {o.fsdp!r} with {o.task!r}")
     if o.threads is not None and (not isinstance(o.threads, int) or o.threads < 1):
@@ -165,6 +178,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, single_run: bool = True) 
           help="FSDP2: shard each layer and the model over the processes of torchrun/accelerate launch (default: DDP)")
     a("--output", help="run folder (default runs/<task>-<method>-<time>)")
     a("--overwrite", action="store_const", const=True, help="replace an existing run folder")
+    a("--quantize", help="load the base model quantized, 4bit (NF4) or 8bit, through bitsandbytes (QLoRA); "
+                         "the adapter stays float32")
     a("--threads", type=int, help="CPU threads for torch (default: one per core; on a machine busy with "
                                   "other work, 1 can be several times faster)")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from typing import Optional
 
 from .options import RunOptions
@@ -17,6 +18,22 @@ def model_weight_bytes(model_path: str) -> int:
     """Size of a transformers folder's weight files (safetensors, else .bin)."""
     files = glob.glob(os.path.join(model_path, "*.safetensors")) or glob.glob(os.path.join(model_path, "*.bin"))
     return sum(file_bytes(f) for f in files)
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak resident memory so far (``ru_maxrss``: KiB on Linux, bytes on macOS); 0 where
+    the platform has no ``resource`` module."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _memory_line(m: dict) -> str:
+    base = f"{m['quantize']} (bitsandbytes)" if m.get("quantize") else "float32"
+    return f"peak memory: {human_bytes(m['peak_memory_bytes'])} (base model {base})"
 
 
 def _final(result) -> dict:
@@ -41,6 +58,7 @@ def metrics(o: RunOptions, data, base_path: str, adapter_dir: str, baseline, res
         "baseline": _run_entry(baseline),
         "adapter": adapter,
         "full_model": {"params": result.total_params, "file_bytes": model_weight_bytes(base_path)},
+        "quantize": o.quantize, "peak_memory_bytes": peak_memory_bytes(),
     }
 
 
@@ -95,6 +113,7 @@ def summary(m: dict, folder: str) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     share = 100 * a["trainable_params"] / max(full["params"], 1)
     lines.append(f"\nadapter: {share:.2f}% of the parameters, {human_bytes(a['file_bytes'])} on disk")
+    lines.append(_memory_line(m))
     lines.append(f"run folder: {folder} (adapter/, metrics.json, training.png, config.json)")
     return "\n".join(lines)
 
@@ -126,6 +145,7 @@ def chat_metrics(o: RunOptions, data, base_path: str, adapter_dir: str, result, 
         "baseline": untuned,
         "adapter": adapter,
         "full_model": {"params": result.total_params, "file_bytes": model_weight_bytes(base_path)},
+        "quantize": o.quantize, "peak_memory_bytes": peak_memory_bytes(),
     }
 
 
@@ -147,6 +167,7 @@ def chat_summary(m: dict, folder: str) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     share = 100 * m["adapter"]["trainable_params"] / max(full["params"], 1)
     lines.append(f"\nadapter: {share:.2f}% of the parameters, {human_bytes(m['adapter']['file_bytes'])} on disk")
+    lines.append(_memory_line(m))
     lines.append(f"run folder: {folder} (adapter/, metrics.json, predictions.jsonl, training.png, config.json)")
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..mapping import get_peft_model
+from ..quant import param_numel
 from .data import EncodedDataset, TextData, load_text_data
 from .distributed import check_fsdp_run, hand_over, save_adapter, shard_model
 from .method_labels import CONFIG_BUILDERS
@@ -61,16 +62,24 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_base_model(path: str, task: str, labels: list[str]):
-    """A fresh copy of the base model for one run (every run starts from the same weights)."""
+def load_base_model(path: str, task: str, labels: list[str], quantize: str | None = None):
+    """A fresh copy of the base model for one run (every run starts from the same weights); with
+    ``quantize`` (``"4bit"``/``"8bit"``) its linears are loaded through bitsandbytes (see :mod:`.quantize`)."""
     import transformers
 
+    kwargs, loader = {}, transformers.AutoModelForCausalLM
+    if task == "seq-cls":
+        kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), ignore_mismatched_sizes=True,
+                      label2id={l: i for i, l in enumerate(labels)})
+        loader = transformers.AutoModelForSequenceClassification
     try:
-        if task == "seq-cls":
-            return transformers.AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=len(labels), id2label=dict(enumerate(labels)), ignore_mismatched_sizes=True,
-                label2id={l: i for i, l in enumerate(labels)})
-        return transformers.AutoModelForCausalLM.from_pretrained(path)
+        if quantize:
+            from .quantize import HEADS, load_quantized
+
+            return load_quantized(loader, path, quantize, keep=HEADS if task == "seq-cls" else None, **kwargs)
+        return loader.from_pretrained(path, **kwargs)
+    except UsageError:
+        raise
     except Exception as exc:
         raise UsageError(f"could not load a transformers model from {path!r}: {str(exc).splitlines()[0]}") from None
 
@@ -104,6 +113,7 @@ class FitResult:
     total_params: int = 0
     steps: list = field(default_factory=list)  # (step, training loss) when logged per step (chat runs)
     before: dict = field(default_factory=dict)  # the Trainer's evaluation before training, when asked for
+    step_seconds: float = 0.0  # mean time of one optimizer step (forward, backward, update; no evaluation)
 
 
 def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str, name: str,
@@ -116,12 +126,23 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
         evaluate_first: also evaluate once before training (``FitResult.before``): for an adapter that
             starts as the identity, that is the untuned model's score.
     """
-    from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer, TrainerCallback,
+                              TrainingArguments)
     from transformers.trainer_callback import ProgressCallback
 
     class _QuietProgress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             pass
+
+    class _StepClock(TrainerCallback):  # (the train time also holds the per-epoch evaluations)
+        def __init__(self):
+            self.start, self.times = 0.0, []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
 
     class _SeededTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -146,6 +167,10 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
         ddp_backend="gloo" if world_size() > 1 and not torch.cuda.is_available() else None, dataloader_num_workers=0,
         disable_tqdm=not is_main_process(), warmup_steps=0, weight_decay=0.0,
     )
+    if o.quantize:
+        from .quantize import let_trainer_train
+
+        let_trainer_train(model)
     trainer = _SeededTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, data_collator=collator,
                       compute_metrics=_accuracy if o.task == "seq-cls" else None)
     hand_over(trainer)  # (a sharded model: no DDP wrap, see cli/distributed.py)
@@ -157,8 +182,10 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_QuietProgress)  # progress bars, without a dict dump per log entry
         print(f"\n== {name}: {o.epochs} epochs, lr {lr:g}, {len(train)} train / {len(test)} test examples ==")
+    clock = _StepClock()
+    trainer.add_callback(clock)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(param_numel(p) for p in model.parameters())  # (a packed 4-bit element holds two weights)
     before = {}
     if evaluate_first:
         before = {k: v for k, v in trainer.evaluate().items() if k.startswith("eval_") and "per_second" not in k}
@@ -169,10 +196,11 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
         warnings.filterwarnings("ignore", message=".*(gloo|barrier|find_unused_parameters).*")
         trainer.train()
     seconds = time.perf_counter() - start
+    step_seconds = sum(clock.times) / max(len(clock.times), 1)
     log = trainer.state.log_history
     steps = [(entry["step"], entry["loss"]) for entry in log if "loss" in entry and "step" in entry]
     if datasets is None:
-        return FitResult(name, _history(log, o.task), {}, seconds, trainable, total, steps, before)
+        return FitResult(name, _history(log, o.task), {}, seconds, trainable, total, steps, before, step_seconds)
     # Logged per step: an epoch's training loss is the mean of the losses logged during it (a step
     # logged at epoch 0.3 belongs to epoch 1, whose evaluation is logged at epoch 1.0).
     history = _history([entry for entry in log if "loss" not in entry], o.task)
@@ -181,7 +209,7 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
                   if "loss" in entry and row["epoch"] - 1 < entry.get("epoch", -1) <= row["epoch"]]
         if losses:
             row["train_loss"] = sum(losses) / len(losses)
-    return FitResult(name, history, {}, seconds, trainable, total, steps, before)
+    return FitResult(name, history, {}, seconds, trainable, total, steps, before, step_seconds)
 
 
 class EpochPermutationSampler(torch.utils.data.Sampler):
@@ -236,7 +264,8 @@ def default_output(o: RunOptions) -> str:
 def run_one(o: RunOptions, data: TextData, tokenizer, base_path: str, workdir: str, method: str):
     """Train one adapter; returns (fit result, peft model)."""
     torch.manual_seed(o.seed)
-    model = get_peft_model(load_base_model(base_path, o.task, data.labels), method_config(o, method, base_path))
+    base = load_base_model(base_path, o.task, data.labels, o.quantize)
+    model = get_peft_model(base, method_config(o, method, base_path))
     if o.fsdp:
         shard_model(model)  # after injection: base and adapter sharded together
     result = fit(model, o, data, tokenizer, o.lr, workdir, method)
@@ -245,7 +274,7 @@ def run_one(o: RunOptions, data: TextData, tokenizer, base_path: str, workdir: s
 
 def run_baseline(o: RunOptions, data: TextData, tokenizer, base_path: str, workdir: str) -> FitResult:
     torch.manual_seed(o.seed)
-    model = head_only(load_base_model(base_path, o.task, data.labels))
+    model = head_only(load_base_model(base_path, o.task, data.labels, o.quantize))
     return fit(model, o, data, tokenizer, o.baseline_lr, workdir, "head-only")
 
 
@@ -265,7 +294,7 @@ def use_threads(o: RunOptions) -> None:
 
 
 #: Options left out of a run's ``config.json``: where it was written, and ``deltatune ab``'s own keys.
-RUN_ONLY_KEYS = ("output", "overwrite", "seeds", "methods")
+RUN_ONLY_KEYS = ("output", "overwrite", "seeds", "methods", "label_settings")
 
 
 def chat_command(o: RunOptions, data: TextData, tokenizer, base_path: str) -> dict:
@@ -282,7 +311,8 @@ def chat_command(o: RunOptions, data: TextData, tokenizer, base_path: str) -> di
     folder = RunFolder(o.output or default_output(o), o.overwrite)
     with folder as workdir:
         torch.manual_seed(o.seed)
-        model = get_peft_model(load_base_model(base_path, o.task, []), method_config(o, o.method, base_path))
+        base = load_base_model(base_path, o.task, [], o.quantize)
+        model = get_peft_model(base, method_config(o, o.method, base_path))
         answers = {}
         if is_main_process():  # (generation needs no other process: only rank 0 scores)
             print(f"\n== untuned model: answering {len(test)} held-out prompts ==")
