@@ -13,7 +13,8 @@ A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``; tensor
     base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight      (r, in)
     base_model.model.model.embed_tokens.lora_embedding_A               (r, num_embeddings)
     base_model.model.score.weight                                     (a modules_to_save copy)
-    base_model.model.transformer.h.0.attn.c_attn.base_layer.bias       (bias="all"/"lora_only")
+    base_model.model.transformer.h.0.attn.c_attn.base_layer.bias       (bias="all"/"lora_only"/"oft_only"/...)
+    base_model.vera_A                                                  (r, max_in): a method's shared tensor
 
 Which tensors an adapter has (and which train) is :mod:`deltatune.adapter_tensors`' job, not this package's.
 """
