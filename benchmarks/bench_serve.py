@@ -302,14 +302,12 @@ def bench_embeddings(args, work: str) -> list[dict]:
     paths = make_encoder_adapters(os.path.join(work, "enc_root"), n)
     merged = os.path.join(work, "enc_merged")
     merge(paths[0], minilm_dir(), merged)
-    # The merged folder gets the tokenizer from `deltatune merge`, but not MiniLM's sentence-transformers
-    # pooling files (modules.json, 1_Pooling/): without them the server pools without normalising. Copy them
-    # so the merged model's embeddings are the adapter's embeddings.
-    for name in ("modules.json", "sentence_bert_config.json"):
-        if os.path.isfile(os.path.join(minilm_dir(), name)):
-            shutil.copy(os.path.join(minilm_dir(), name), merged)
-    if os.path.isdir(os.path.join(minilm_dir(), "1_Pooling")):
-        shutil.copytree(os.path.join(minilm_dir(), "1_Pooling"), os.path.join(merged, "1_Pooling"))
+    # `deltatune merge` keeps MiniLM's sentence-transformers files (modules.json, 1_Pooling/): the merged
+    # model is served with the same pooling and normalisation as base + adapter.
+    missing = [f for f in ("modules.json", os.path.join("1_Pooling", "config.json"))
+               if not os.path.isfile(os.path.join(merged, f))]
+    if missing:
+        raise SystemExit(f"deltatune merge left out {missing}: the merged encoder would pool differently")
     want = {f"e{k}": offline_embeddings(p, TEXTS) for k, p in enumerate(paths)}
     # The check can fail: adapters' embeddings differ by far more than the tolerance.
     apart = min((want[a] - want[b]).abs().max().item() for a in want for b in want if a < b)
