@@ -22,9 +22,9 @@ from .shared import Projections
 NAMES = ("vera_A", "vera_B")
 
 
-def _projections(model: nn.Module, adapter_name: str) -> tuple[Projections | None, torch.device]:
-    """The pair of adapter ``adapter_name`` in ``model`` (None if no VeRA layer holds it) and the device to
-    keep it on (its first layer's base weight's; the CPU for a weight not materialised yet)."""
+def _projections(model: nn.Module, adapter_name: str) -> tuple[list[Projections], torch.device]:
+    """The pairs of adapter ``adapter_name`` in ``model`` (one, or none if no VeRA layer holds it) and the
+    device to keep them on (its first layer's base weight's; the CPU for a weight not materialised yet)."""
     found, device = {}, torch.device("cpu")
     for _, layer in injection.adapter_layers(model, VeraLayer):
         if adapter_name in layer.adapters:
@@ -33,18 +33,23 @@ def _projections(model: nn.Module, adapter_name: str) -> tuple[Projections | Non
                 weight = layer.base_layer.weight
                 device = device if weight.is_meta else weight.device
             found[id(proj)] = proj
-    if len(found) > 1:  # (one adapter injected in several passes: no single pair to save or load)
-        raise ValueError(f"VeRA adapter {adapter_name!r} has {len(found)} separate projection pairs in this model; "
+    return list(found.values()), device
+
+
+def _one(pairs: list[Projections], adapter_name: str) -> Projections:
+    if len(pairs) > 1:  # (one adapter injected in several passes: no single pair to save or load)
+        raise ValueError(f"VeRA adapter {adapter_name!r} has {len(pairs)} separate projection pairs in this model; "
                          "a checkpoint holds one")
-    return next(iter(found.values()), None), device
+    return pairs[0]
 
 
 def shared_tensors(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:
     """``{"vera_A": A, "vera_B": B}`` of adapter ``adapter_name`` if its config saves them (drawn now if not
     yet: every layer has joined by the time the adapter's tensors are listed); else empty."""
-    proj, device = _projections(model, adapter_name)
-    if proj is None or not proj.saved:
+    pairs, device = _projections(model, adapter_name)
+    if not pairs or not pairs[0].saved:
         return {}
+    proj = _one(pairs, adapter_name)
     proj.draw(device)
     return {"vera_A": proj.vera_A, "vera_B": proj.vera_B}
 
@@ -56,13 +61,14 @@ def load_shared_tensors(model: nn.Module, adapter_name: str, given: dict[str, Te
     ``save_projection=False`` (peft then ignores them with a warning and regenerates)."""
     if not given:
         return lambda: None
-    proj, device = _projections(model, adapter_name)
-    if proj is None:
+    pairs, device = _projections(model, adapter_name)
+    if not pairs:
         raise ValueError(f"the checkpoint holds VeRA projections {sorted(given)} but adapter {adapter_name!r} "
                          "has no VeRA layers")
     absent = [n for n in NAMES if n not in given]
     if absent:
         raise ValueError(f"the checkpoint holds {sorted(given)} without {absent}: VeRA's projections come as a pair")
     A, B = given["vera_A"], given["vera_B"]
+    proj = _one(pairs, adapter_name)
     proj.check(A, B)
     return lambda: proj.adopt(A, B, device)
