@@ -26,6 +26,8 @@ class VeraConfig(PeftConfig):
             ``base_model.vera_A: (r, max_in)`` and ``base_model.vera_B: (max_out, r)``; loading then uses the
             file's pair. ``False``: the pair is regenerated from ``projection_prng_key`` on load (bit-identical
             to peft's on the CPU generator). A checkpoint that holds the pair is loaded with it either way.
+            (peft refuses VeRA adapters of one model that differ in this setting; deltatune keeps one per
+            adapter.)
         vera_dropout: Dropout probability on the adapter's input, in ``[0, 1)``.
         d_initial: Initial value of every ``λ_d`` entry (``λ_b`` starts at 0, so the model starts as the base).
         fan_in_fan_out: Weights stored ``(in, out)`` (GPT-2 ``Conv1D``); set automatically for Conv1D.
