@@ -19,7 +19,9 @@ TASKS = ("seq-cls", "causal-lm", "image-cls")
 DEFAULT_TARGETS = {
     "seq-cls": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
     "causal-lm": "all-linear",
-    "image-cls": ["query", "value"],  # the seeds' DINO recipe: LoRA on attention queries and values
+    # the seeds' DINO recipe: LoRA on attention queries and values (transformers 5 names DINOv2's q_proj/v_proj,
+    # 4.x and ViT query/value; a list entry that matches no module is fine while another one matches)
+    "image-cls": ["query", "value", "q_proj", "v_proj"],
 }
 
 #: Defaults of the bundled chat job (``--task causal-lm`` with no ``--data``): its rows are about 80
