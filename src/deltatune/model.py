@@ -178,7 +178,8 @@ class PeftModel(nn.Module):
         return next((n for n in self._active if n in names), None)
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
-        """Activate one adapter, or several (their deltas are summed); they become trainable."""
+        """Activate one adapter, or several (their deltas are summed); they become trainable. Not safe beside a
+        forward in another thread (that forward would mix adapters across layers): serialise the two."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -371,8 +372,9 @@ class PeftModel(nn.Module):
                      **hub_kwargs) -> ckpt.LoadResult:
         """Load another saved adapter next to the existing ones (it is not activated) and return the load
         result (``missing_keys``, ``unexpected_keys``); without ``is_trainable`` the model is put in eval
-        mode, as peft does. The options are
-        those of :meth:`from_pretrained`."""
+        mode, as peft does. The options are those of :meth:`from_pretrained`. A forward running meanwhile in
+        another thread computes with the active adapters, unchanged (as it does beside ``delete_adapter`` of an
+        inactive one); :meth:`set_adapter` is not safe so (``deltatune serve`` does all on one thread)."""
         _check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or delete it first")
