@@ -121,7 +121,7 @@ def test_fsdp_refusals(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="--fsdp supports the methods"):
-        check_fsdp_run(RunOptions(fsdp=True, method="vera"), chat=False)
+        check_fsdp_run(RunOptions(fsdp=True, method="not-checked"), chat=False)
     with pytest.raises(UsageError, match="not supported for chat data"):
         check_fsdp_run(RunOptions(fsdp=True), chat=True)
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
