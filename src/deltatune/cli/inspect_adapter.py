@@ -11,7 +11,7 @@ from safetensors import safe_open
 from ..checkpoint import SAFETENSORS_NAME, adapted_module_names
 from ..config import CONFIG_NAME, PeftConfig
 from ..methods.prompt_tuning.config import PromptTuningConfig
-from ..registry import adapter_key_suffixes, prompt_checkpoint_keys, rank_key_suffixes
+from ..registry import adapter_key_suffixes, prompt_checkpoint_keys, rank_key_suffixes, shared_tensor_names
 from .options import UsageError
 from .report import human_bytes
 
@@ -22,9 +22,11 @@ PROMPT_FIELDS = ("num_virtual_tokens", "token_dim", "num_transformer_submodules"
 
 
 def peft_key_pattern() -> re.Pattern:
-    """The key shapes peft writes for the registered methods: a prompt method's root key, or a module
-    path under ``base_model.`` ending in an adapter tensor's suffix, ``bias`` or ``weight`` (saved copies)."""
-    roots = "|".join(re.escape(k) for k in prompt_checkpoint_keys())
+    """The key shapes peft writes for the registered methods: a prompt method's root key, a method's shared
+    tensor under ``base_model.`` (VeRA's ``base_model.vera_A``), or a module path under ``base_model.`` ending
+    in an adapter tensor's suffix, ``bias`` or ``weight`` (saved copies)."""
+    roots = "|".join([re.escape(k) for k in prompt_checkpoint_keys()]
+                     + [re.escape("base_model." + n) for n in shared_tensor_names()])
     ends = "|".join(re.escape(s) for s in adapter_key_suffixes() + ["bias", "weight"])
     return re.compile(rf"^({roots + '|' if roots else ''}base_model\.(model\.)?.+\.({ends}))$")
 
