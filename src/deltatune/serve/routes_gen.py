@@ -19,8 +19,28 @@ def _params(body, server, max_tokens) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise ServeError(400, "stop takes at most 4 non-empty strings", param="stop")
+    logprobs = getattr(body, "logprobs", None)
     return SamplingParams(max_tokens=16 if max_tokens is None else max_tokens, temperature=body.temperature,
-                          top_p=body.top_p, seed=body.seed, stop=stop)
+                          top_p=body.top_p, seed=body.seed, stop=stop, logprobs=logprobs,
+                          prompt_logprobs=logprobs is not None and getattr(body, "echo", False))
+
+
+def _logprobs(tokenizer, seq) -> dict:
+    """OpenAI's completion ``logprobs`` object for ``seq``: token strings, their log-probabilities, the top
+    alternatives per token and each token's character offset in the choice's text (which starts with the
+    prompt's tokens when it is echoed; the first of them has no log-probability)."""
+    ids, scored = list(seq.out), list(seq.logprobs)
+    if seq.params.prompt_logprobs:
+        ids, scored = list(seq.prompt) + ids, [None] + list(seq.prompt_logprobs or []) + scored
+    piece = lambda t: tokenizer.decode([t])  # noqa: E731
+    tokens, offsets, at = [], [], 0
+    for t in ids:
+        tokens.append(piece(t))
+        offsets.append(at)
+        at += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [None if s is None else s[0] for s in scored],
+            "top_logprobs": [None if s is None else {piece(t): v for t, v in s[1]} for s in scored],
+            "text_offset": offsets}
 
 
 def _sse(obj) -> str:
@@ -35,7 +55,7 @@ def add_generation_routes(app, server, guarded, batch_header: str) -> None:
             raise ServeError(400, "this server serves an encoder; use /v1/embeddings or /classify")
         return server.adapter_for(model)
 
-    async def _run(body, adapter, prompts, params, chat: bool):
+    async def _run(body, adapter, prompts, params, chat: bool, echo=None):
         created, rid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         obj = "chat.completion" if chat else "text_completion"
         prompt_tokens = sum(len(p) for p in prompts)  # counted once per prompt, whatever n is
@@ -55,9 +75,11 @@ def add_generation_routes(app, server, guarded, batch_header: str) -> None:
                 if done:
                     seqs[seq.index] = seq
             outs = [seqs[i] for i in range(len(prompts))]
+            echoed = [echo[i // body.n] if echo else "" for i in range(len(outs))]
             choices = [({"index": s.index, "message": {"role": "assistant", "content": s.text}} if chat else
-                        {"index": s.index, "text": s.text, "logprobs": None}) | {"finish_reason": s.finish_reason}
-                       for s in outs]
+                        {"index": s.index, "text": e + s.text,
+                         "logprobs": None if s.params.logprobs is None else _logprobs(server.tokenizer, s)})
+                       | {"finish_reason": s.finish_reason} for s, e in zip(outs, echoed)]
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": body.model,
                                  "choices": choices, "usage": usage(outs)},
                                 headers={batch_header: str(max(s.batch_size for s in outs))})
@@ -98,8 +120,8 @@ def add_generation_routes(app, server, guarded, batch_header: str) -> None:
     async def completions(body: CompletionRequest):
         """Complete prompts (greedy at temperature 0); ``stream`` sends server-sent events."""
         adapter = _ready(body.model)
-        if body.logprobs or body.echo:
-            raise ServeError(400, "logprobs and echo are not served", param="logprobs")
+        if body.stream and (body.logprobs is not None or body.echo):
+            raise ServeError(400, "logprobs and echo are served without stream only", param="stream")
         items = as_list(body.prompt)
         if not items or len(items) > server.config.max_inputs:
             raise ServeError(400, f"prompt must hold 1 to {server.config.max_inputs} prompts", param="prompt")
@@ -107,7 +129,10 @@ def add_generation_routes(app, server, guarded, batch_header: str) -> None:
         params = _params(body, server, body.max_tokens)
         for p in prompts:
             server.engine.check_params(params, len(p))
-        return await _run(body, adapter, prompts, params, chat=False)
+        # echo: the prompt as given (a text), or its tokens' text (token ids)
+        echo = [p if isinstance(p, str) else server.tokenizer.decode(ids) for p, ids in zip(items, prompts)] \
+            if body.echo else None
+        return await _run(body, adapter, prompts, params, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(body: ChatRequest):

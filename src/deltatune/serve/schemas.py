@@ -66,8 +66,10 @@ class CompletionRequest(_Sampling):
 
     model: str
     prompt: Inputs
-    logprobs: Optional[int] = Field(None, le=0, description="not served")
-    echo: bool = Field(False, description="not served")
+    logprobs: Optional[int] = Field(None, ge=0, le=5, description="log-probabilities of each output token "
+                                    "and of its N most likely alternatives (not with stream)")
+    echo: bool = Field(False, description="the prompt comes back before the completion (with logprobs: its tokens "
+                                          "scored too, the first one null)")
 
 
 class ChatMessage(_Body):
