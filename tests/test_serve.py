@@ -273,11 +273,11 @@ def test_runtime_load_unload_while_others_keep_getting_answers(root, expected):
 
 
 def test_loading_an_adapter_never_pauses_requests_for_others(root, expected, monkeypatch):
-    """Every read of the loading adapter's weights file is slowed by 2 s; requests for another adapter
+    """Every read of the loading adapter's weights file is slowed by 3 s; requests for another adapter
     sent meanwhile still answer fast, because the worker only inserts the finished tensors."""
     from deltatune.checkpoint import files
 
-    real, slow_s = files.read_adapter_weights, 2.0
+    real, slow_s = files.read_adapter_weights, 3.0
 
     def slow_read(directory, *args, **kwargs):
         if os.path.basename(os.path.normpath(str(directory))) == "three":
