@@ -242,9 +242,12 @@ def test_bad_image_folders_are_clear_errors(tmp_path):
         load_image_data(RunOptions(task="image-cls", data=str(root)), 8)
 
 
-def test_other_methods_are_refused(tmp_path, capsys):
+def test_other_methods_and_non_vit_folders_are_refused(tmp_path, capsys):
     line = _cli_error(capsys, ["--method", "ia3", "--model", str(tmp_path), "--output", str(tmp_path / "run")])
     assert "--task image-cls trains --method lora or dora, got 'ia3'" in line
+    line = _cli_error(capsys, ["--model", str(tmp_path), "--output", str(tmp_path / "run")])
+    assert "is not a ViT-style transformers folder" in line
+    assert os.listdir(tmp_path) == []
 
 
 # -------------------------------------------------------------------------------- end to end

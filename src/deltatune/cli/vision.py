@@ -61,11 +61,14 @@ def load_classifier(path: str, labels: list[str]):
     import transformers
 
     try:
-        return transformers.AutoModelForImageClassification.from_pretrained(
+        model = transformers.AutoModelForImageClassification.from_pretrained(
             path, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={l: i for i, l in enumerate(labels)}, ignore_mismatched_sizes=True)
     except Exception as exc:
         raise UsageError(f"could not load an image classifier from {path!r}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(getattr(model, "classifier", None), nn.Linear):
+        raise UsageError(f"{type(model).__name__} has no linear 'classifier' head to train")
+    return model
 
 
 def image_size(config, digits: bool) -> int:
