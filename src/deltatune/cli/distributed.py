@@ -102,13 +102,13 @@ def hand_over(trainer) -> None:
 
     ``is_distributed_loading_by_transformers`` is the Trainer's own switch for a model that owns its
     placement and gradient reduction (set by ``from_pretrained(distributed_config=...)``): with it the
-    Trainer skips the DDP wrap and ``.to(device)``, and builds the optimizer over the ``DTensor`` shards.
+    Trainer skips the DDP wrap and builds the optimizer over the ``DTensor`` shards. (The Trainer's
+    ``model.to(device)`` at construction already ran: a no-op here, as the shards are on that device.)
     """
     if is_sharded(trainer.model):
         if not hasattr(trainer, "is_distributed_loading_by_transformers"):
             raise UsageError("--fsdp needs a transformers Trainer that accepts pre-sharded models (transformers >= 5)")
         trainer.is_distributed_loading_by_transformers = True
-        trainer.place_model_on_device = False
 
 
 def save_adapter(model: nn.Module, folder: str) -> None:
