@@ -23,12 +23,15 @@ def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
     """``named_modules`` under the *original* names: the inside of adapter layers and
     modules_to_save wrappers is not entered (a wrapped layer is reported under its own name)."""
     layers = adapter_layer_types()
-    stop = layers + (ModulesToSaveWrapper,)
+    return _walk(model, prefix, layers, layers + (ModulesToSaveWrapper,))
+
+
+def _walk(model: nn.Module, prefix: str, layers: tuple, stop: tuple) -> Iterator[tuple[str, nn.Module]]:
     for name, child in model.named_children():
         full = f"{prefix}.{name}" if prefix else name
         yield full, child
         if not isinstance(child, stop):
-            yield from iter_modules(child, full)
+            yield from _walk(child, full, layers, stop)
         if isinstance(child, layers):
             yield from _inner_layers(child, full, layers)
 
