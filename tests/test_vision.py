@@ -242,6 +242,33 @@ def test_bad_image_folders_are_clear_errors(tmp_path):
         load_image_data(RunOptions(task="image-cls", data=str(root)), 8)
 
 
+@pytest.mark.parametrize("case,message", [
+    ("empty", r"has no images: expected <class name>/\*\.png\|jpg"),
+    ("one-class", r"single class \('cats'\)"),
+    ("truncated", r"could not read image .*zz\.png"),
+])
+def test_bad_image_folders_through_the_command_line(tmp_path, capsys, monkeypatch, case, message, tiny_dinov2):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    if case == "empty":
+        (tmp_path / "images" / "cats").mkdir(parents=True)
+        (tmp_path / "images" / "cats" / "readme.txt").write_text("no images")
+    elif case == "one-class":
+        _png(tmp_path / "images" / "cats" / "a.png", (9, 9), (1, 2, 3))
+    else:
+        root = _two_class_folder(tmp_path / "images")
+        (root / "red" / "zz.png").write_bytes(b"\x89PNG truncated")
+    line = _cli_error(capsys, ["--data", "images", "--model", tiny_dinov2, "--output", "run"])
+    assert re.search(message, line), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_ab_refuses_image_cls(capsys):
+    assert main(["ab", "--task", "image-cls"]) == 2
+    assert "deltatune ab does not compare image-cls runs" in capsys.readouterr().err
+
+
 def test_other_methods_and_non_vit_folders_are_refused(tmp_path, capsys):
     line = _cli_error(capsys, ["--method", "ia3", "--model", str(tmp_path), "--output", str(tmp_path / "run")])
     assert "--task image-cls trains --method lora or dora, got 'ia3'" in line

@@ -64,6 +64,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command in ("train", "ab"):
             options = resolve(args, given_options(args))
+            if args.command == "ab" and options.task == "image-cls":
+                raise UsageError("deltatune ab does not compare image-cls runs yet; deltatune train --task "
+                                 "image-cls reports the linear probe next to the adapter")
             if args.command == "train" and options.task == "image-cls":
                 from .vision import image_command
 

@@ -144,8 +144,8 @@ def validate(o: RunOptions) -> None:
         raise UsageError(f"model folder {o.model!r} does not exist")
     for name in ("data", "test_data"):
         path = getattr(o, name)
-        if path is not None and not os.path.isfile(path):
-            raise UsageError(f"data file {path!r} does not exist")
+        if path is not None and not (os.path.isfile(path) or (o.task == "image-cls" and os.path.isdir(path))):
+            raise UsageError(f"data {'file or image folder' if o.task == 'image-cls' else 'file'} {path!r} does not exist")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, single_run: bool = True) -> None:
@@ -157,7 +157,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, single_run: bool = True) 
     a("--config", help="YAML or JSON file with any of these options (flags override it)")
     a("--model", help="local transformers model folder (default: the embedded MiniLM-L6 encoder)")
     a("--data", help="JSONL or CSV with text/label columns; for causal-lm a text column, or a .txt file (one "
-                     "document per line, or per blank-line-separated paragraph if it has blank lines) "
+                     "document per line, or per blank-line-separated paragraph if it has blank lines); for "
+                     "image-cls an image folder (class_name/*.png|jpg) or a CSV of path,label "
                      "(default: bundled)")
     a("--test-data", dest="test_data", help="held-out file (default: a fixed split of --data)")
     a("--test-fraction", dest="test_fraction", type=float,
