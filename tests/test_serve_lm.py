@@ -358,3 +358,28 @@ def test_completion_logprobs_and_echo_equal_a_forward_over_the_whole_text(lm):
 
 def _base_name(model_dir) -> str:
     return model_dir.name
+
+
+def test_sampled_completion_logprobs_are_the_drawn_tokens_before_temperature(lm):
+    """With sampling (temperature 0.7, seeded) each token's log-probability is the drawn token's, not the
+    most likely one's (greedy decoding cannot tell them apart), under the model's own distribution: the
+    log-softmax of the logits before temperature, from one plain forward over prompt + completion."""
+    model_dir, root, tok = lm
+    prompt = "the cat sat on"
+    with running(config(lm)) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/v1/completions", json={"model": "one", "prompt": prompt, "max_tokens": 8,
+                                                  "temperature": 0.7, "seed": 5, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    got = r.json()["choices"][0]["logprobs"]
+    ids = tok(prompt)["input_ids"]
+    out = tok.convert_tokens_to_ids(got["tokens"])  # (the character tokenizer: one id per token's text)
+    assert len(out) >= 4 and len(got["token_logprobs"]) == len(out)
+    reference = PeftModel.from_pretrained(load_llama64(str(model_dir)), str(root / "one")).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(reference(torch.tensor([ids + out])).logits[0].float(), -1)
+    rows = lp[len(ids) - 1:len(ids) - 1 + len(out)]  # token t of the completion is scored at the row before it
+    assert any(t != int(row.argmax()) for t, row in zip(out, rows))  # some drawn tokens are not the top one
+    want = torch.stack([row[t] for t, row in zip(out, rows)])
+    torch.testing.assert_close(torch.tensor(got["token_logprobs"]), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor([list(top.values())[0] for top in got["top_logprobs"]]),
+                               rows.max(-1).values, atol=1e-4, rtol=0)
