@@ -61,10 +61,20 @@ def load_quantized(loader, path: str, kind: str, keep: list[str] | None = None, 
     peft's recipe also switches on, stays off: on a CPU it costs a second forward per step, and the
     float32 run it is compared with keeps its activations too, so the memory figures differ by the
     weights alone."""
+    import torch
+
     from ..quant import prepare_model_for_kbit_training
+    from ..quant.bnb import quant_kind
 
     check_widths(path)
     model = loader.from_pretrained(path, quantization_config=bnb_config(kind, keep), device_map="cpu", **kwargs)
+    # The tensors left unquantized (embeddings, norms, heads) are views into the float32 checkpoint's
+    # memory map, and quantizing read every page of that map: while one view lives, all of it stays
+    # resident (SmolLM2-135M: 528 MB, the size of the float32 weights). Owning copies let it go.
+    with torch.no_grad():
+        for p in model.parameters():  # (tied weights appear once)
+            if quant_kind(p) is None:
+                p.data = p.data.clone()
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
