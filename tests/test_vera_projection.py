@@ -244,3 +244,26 @@ def test_state_dicts_and_low_cpu_mem_usage_carry_the_projections(tmp_path):
     bare = dt.inject_adapter_in_model(VeraConfig(r=4, target_modules=LLAMA), tiny_llama())
     keys = dt.get_peft_model_state_dict(bare, config=VeraConfig(r=4, target_modules=LLAMA))
     assert {"vera_A", "vera_B"} <= set(keys)
+
+
+def test_one_config_adapting_two_models_gives_each_its_own_pair_sized_over_its_own_layers():
+    """The pair is shared by the layers of one injection only (no state outside the model): the same config
+    object adapting a second model, before the first model's pair is drawn, does not join the first's."""
+    config = VeraConfig(r=4, target_modules=LLAMA, save_projection=False)  # (True draws the pair when saved
+    first = dt.get_peft_model(tiny_llama(), config)                         # tensors are listed)
+    wide = tiny_llama()
+    wide.model.layers[0].mlp.down_proj = torch.nn.Linear(100, 32)  # a larger input than the first model has
+    second = dt.inject_adapter_in_model(config, torch.nn.ModuleDict({"inner": wide}))
+
+    def pairs(model):
+        return {id(m.projections): m.projections for m in model.modules() if hasattr(m, "vera_lambda_d")}
+
+    (p1,), (p2,) = pairs(first).values(), pairs(second).values()
+    assert p1 is not p2
+    assert all(not name.startswith("inner.") for name in p1.sizes)
+    assert all(name.startswith("inner.") for name in p2.sizes) and len(p2.sizes) == len(p1.sizes)
+    assert p1.needed() == (64, 32) and p2.needed() == (100, 32)
+    A, _ = VF.projections(0, 4, 64, 32)
+    with torch.no_grad():
+        first(**text_inputs())
+    assert torch.equal(p1.vera_A, A)  # as peft draws it for the first model alone

@@ -2,19 +2,18 @@
 
 peft keeps the pair on its tuner model and sizes it from all of the adapter's target modules before the first
 layer is made: ``A: (r, max_in)``, ``B: (max_out, r)``. deltatune's injection hands a method one layer at a
-time and no model, so the pair is built lazily instead: the layers that receive one adapter in one
-injection *join* a :class:`Projections` object (recording their sizes), and the tensors are drawn the first
-time they are needed (forward, merge, or listing the adapter's tensors when they are saved with it), from the
+time, so the pair is built lazily instead: each new layer starts with a pair of its own, and once all of
+one injection's layers are in, the method's ``attach`` hook (:func:`share`) gives them one
+:class:`Projections` that has joined all their sizes; the tensors are drawn the first time they are needed (forward, merge, or listing the adapter's tensors when they are saved with it), from the
 largest sizes joined, i.e. from the same sizes peft uses. Being an ``nn.Module`` held by each of those layers'
 adapters, the pair moves with ``model.to(...)`` once and is deep-copied once with its model. Its buffers are
 not persistent (they would appear once per layer in ``model.state_dict()``): with
 ``VeraConfig.save_projection`` the checkpoint code saves them once, as peft does (``base_model.vera_A`` /
 ``base_model.vera_B``, see :mod:`.saving`), and a loaded checkpoint's pair replaces the drawn one (:meth:`adopt`).
 
-Which calls form one injection: consecutive calls for the same config object and adapter name, until a
-module name repeats (the same config injected into a second model) or the pair has been drawn. (Limit: one
-config object injected into two models with disjoint module names, with no forward in between, would size
-one pair over both.)
+An adapter injected into one model in two passes (``inject_adapter_in_model`` twice with one name on
+other modules) keeps the pair of its first pass when that pair is drawn already and covers the new layers;
+otherwise the new layers get a pair of their own (then no single pair can be saved: see :mod:`.saving`).
 
 Several adapters: peft's later VeRA adapters reuse the first adapter's pair; here each adapter draws its own
 from its own config and targets, which is the same pair when ``r``, the seed and the largest sizes agree
@@ -25,8 +24,6 @@ first adapter's pair) is adopted whole: each layer uses its slice, as in peft.
 
 from __future__ import annotations
 
-import weakref
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -37,9 +34,11 @@ from . import functional as VF
 class Projections(nn.Module):
     """The pair of one adapter: ``vera_A: (r, max_in)``, ``vera_B: (max_out, r)``, drawn on first use."""
 
-    def __init__(self, seed: int, r: int, saved: bool = False):
+    def __init__(self, seed: int, r: int, saved: bool = False, pending: bool = False):
         super().__init__()
         self.seed, self.r = seed, r
+        # made for one new layer, to be replaced by the injection's shared pair (see :func:`share`)
+        self.pending = pending
         self.saved = saved  # VeraConfig.save_projection: the pair goes into the adapter's checkpoint
         self.sizes: dict[str, tuple[int, int]] = {}  # module name -> (in, out)
         self.register_buffer("vera_A", None, persistent=False)
@@ -93,20 +92,19 @@ class Projections(nn.Module):
         return f"seed={self.seed}, r={self.r}, saved={self.saved}, layers={len(self.sizes)}, vera_A={shape}"
 
 
-#: The projections being filled by the current injection, weakly held (a model that is deleted takes its
-#: projections with it): ``(config, adapter name, Projections)``.
-_current: Optional[tuple[weakref.ref, str, weakref.ref]] = None
-
-
-def projections_for(config, adapter_name: str, module_name: str) -> Projections:
-    """The :class:`Projections` a layer of ``adapter_name`` in module ``module_name`` joins (see the module
-    docstring for which calls share one)."""
-    global _current
-    if _current is not None:
-        cfg, name, ref = _current[0](), _current[1], _current[2]()
-        if cfg is config and name == adapter_name and ref is not None and not ref.drawn \
-                and module_name not in ref.sizes:
-            return ref
-    proj = Projections(config.projection_prng_key, config.r, saved=config.save_projection)
-    _current = (weakref.ref(config), adapter_name, weakref.ref(proj))
-    return proj
+def share(fresh: list, existing: list) -> None:
+    """Give the adapters ``fresh`` (one adapter's ``VeraAdapter``s in the layers one injection just made,
+    each with a pending pair of its own) one :class:`Projections` sized over all of them; or ``existing[0]``
+    (the pair the adapter already has in the model) when it is drawn and covers them."""
+    if not fresh:
+        return
+    first = fresh[0].projections
+    joined = Projections(first.seed, first.r, saved=first.saved)
+    for ad in fresh:
+        joined.sizes.update(ad.projections.sizes)
+    if existing and existing[0].drawn and all(i <= existing[0].vera_A.shape[1] and o <= existing[0].vera_B.shape[0]
+                                              for i, o in joined.sizes.values()):
+        existing[0].sizes.update(joined.sizes)
+        joined = existing[0]
+    for ad in fresh:
+        ad.projections = joined
