@@ -380,3 +380,23 @@ def test_sampled_completion_logprobs_are_the_drawn_tokens_before_temperature(lm)
     torch.testing.assert_close(torch.tensor(got["token_logprobs"]), want, atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.tensor([list(top.values())[0] for top in got["top_logprobs"]]),
                                rows.max(-1).values, atol=1e-4, rtol=0)
+
+
+def test_completion_logprobs_end_where_a_stop_string_cuts_the_text(lm):
+    """The tokens of a stop string (and any after it) are not in the answer's text, so neither are they in
+    its ``logprobs``: tokens, log-probabilities and offsets describe exactly the returned text."""
+    model_dir, root, tok = lm
+    prompt = "the cat sat on"
+    full = offline(lm, "one", [prompt], max_tokens=8)[0][0]
+    cut = next(i for i in range(1, len(full) - 1) if full[i:i + 2] not in full[:i + 1])  # a first occurrence
+    stop = full[cut:cut + 2]
+    with running(config(lm)) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/v1/completions", json={"model": "one", "prompt": prompt, "max_tokens": 8,
+                                                  "temperature": 0, "logprobs": 1, "stop": [stop]})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == full[:cut] and choice["finish_reason"] == "stop"
+    got = choice["logprobs"]
+    assert "".join(got["tokens"]) == choice["text"]  # (the character tokenizer: one character per token)
+    assert len(got["token_logprobs"]) == len(got["top_logprobs"]) == len(got["text_offset"]) == len(choice["text"])
+    assert [choice["text"][o:o + len(t)] for o, t in zip(got["text_offset"], got["tokens"])] == got["tokens"]

@@ -38,9 +38,14 @@ def _logprobs(tokenizer, seq) -> dict:
         tokens.append(piece(t))
         offsets.append(at)
         at += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [None if s is None else s[0] for s in scored],
-            "top_logprobs": [None if s is None else {piece(t): v for t, v in s[1]} for s in scored],
-            "text_offset": offsets}
+    keep = len(ids)
+    if seq.finish_reason == "stop" and seq.params.stop:
+        # A stop string cut the text: the tokens that start past the cut are not part of the answer.
+        end = at - len(tokenizer.decode(list(seq.out), skip_special_tokens=True)) + len(seq.text)
+        keep = sum(1 for o in offsets if o < end)
+    return {"tokens": tokens[:keep], "token_logprobs": [None if s is None else s[0] for s in scored[:keep]],
+            "top_logprobs": [None if s is None else {piece(t): v for t, v in s[1]} for s in scored[:keep]],
+            "text_offset": offsets[:keep]}
 
 
 def _sse(obj) -> str:
