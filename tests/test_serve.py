@@ -241,12 +241,16 @@ def test_concurrent_mixed_adapter_requests_are_batched_and_equal(root, expected,
 def test_runtime_load_unload_while_others_keep_getting_answers(root, expected):
     config = ServeConfig(adapters=[("a1", str(root / "run1" / "adapter"))], adapter_root=str(root))
     with running(config) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
-        stop, answers = threading.Event(), []
+        stop, answers, errors = threading.Event(), [], []
 
         def keep_asking():
             with httpx.Client(base_url=url, timeout=30) as own:
                 while not stop.is_set():
-                    answers.append(embed(own, "a1", TEXTS[:2])[0])
+                    try:
+                        answers.append(embed(own, "a1", TEXTS[:2])[0])
+                    except Exception as exc:  # (a failure in this thread must fail the test, not end the thread)
+                        errors.append(exc)
+                        return
 
         worker = threading.Thread(target=keep_asking)
         worker.start()
@@ -267,6 +271,7 @@ def test_runtime_load_unload_while_others_keep_getting_answers(root, expected):
         finally:
             stop.set()
             worker.join()
+    assert not errors, errors
     assert len(answers) >= 2
     for emb in answers:
         torch.testing.assert_close(emb, expected["a1"][0][:2], atol=1e-5, rtol=0)
