@@ -3,7 +3,8 @@
 This is the command line's own table, not the registry's: a label is a recipe over the run options
 (``dora`` is LoRA with ``use_dora``; ``ia3`` picks BERT's keys, values and feed-forward outputs when no
 ``--target`` is given), which a method's registration has no business knowing. Adding a label here is
-all it takes for ``--method``/``--methods`` to accept it.
+all it takes for ``--method``/``--methods`` to accept it. A label may also bring settings of its own
+(:data:`LABEL_DEFAULTS`: a learning rate, VeRA's rank) that apply wherever the user set none.
 """
 
 from __future__ import annotations
@@ -50,9 +51,13 @@ def _lycoris(config_cls):
     return build
 
 
+#: OFT's block size (peft's default): 384/1536-wide MiniLM layers get 12/48 blocks of 32 x 32.
+OFT_BLOCK_SIZE = 32
+
+
 def _oft(o, base_path: str) -> PeftConfig:
-    # OFT: --r is the number of blocks per layer in peft's terms, but one count cannot suit layers of input
-    # 384 and 1536 alike; the block size is what sets cost and capacity, so the label fixes it.
+    # OFT: peft's r is the number of blocks per layer, but one count cannot suit layers of input 384 and
+    # 1536 alike; the block size sets cost and capacity, so the label fixes it and --r/--alpha are unused.
     return OFTConfig(task_type=TASK_TYPES[o.task], r=0, oft_block_size=OFT_BLOCK_SIZE, module_dropout=o.dropout,
                      target_modules=o.targets(), base_model_name_or_path=base_path)
 
@@ -61,9 +66,6 @@ def _vera(o, base_path: str) -> PeftConfig:
     # VeRA: deltatune neither writes nor reads the shared projections; they are regenerated from the seed
     return VeraConfig(task_type=TASK_TYPES[o.task], r=o.r, vera_dropout=o.dropout, save_projection=False,
                       target_modules=o.targets(), base_model_name_or_path=base_path)
-
-
-OFT_BLOCK_SIZE = 32
 
 
 #: ``label -> (run options, base model path) -> adapter config``, in the order ``--help`` lists them.
@@ -75,7 +77,8 @@ CONFIG_BUILDERS: dict[str, Callable[..., PeftConfig]] = {"lora": _lora, "dora": 
 
 #: Options a label sets where neither the command line nor the config file does (measured on the embedded
 #: default: MiniLM-L6 on the bundled support-intents set, 3 seeds; README "Methods on the bundled task").
-LABEL_DEFAULTS: dict[str, dict] = {"ia3": {"lr": 3e-3}, "vera": {"r": 256, "lr": 1e-2}}
+LABEL_DEFAULTS: dict[str, dict] = {"ia3": {"lr": 3e-3}, "loha": {"lr": 3e-3}, "lokr": {"lr": 3e-3},
+                                   "vera": {"r": 256, "lr": 1e-2}}
 
 #: The labels ``--method``/``--methods`` accept.
 METHODS = tuple(CONFIG_BUILDERS)

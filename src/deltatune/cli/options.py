@@ -148,6 +148,12 @@ def validate(o: RunOptions) -> None:
             raise UsageError(f"data {'file or image folder' if o.task == 'image-cls' else 'file'} {path!r} does not exist")
 
 
+def _label_note(name: str) -> str:
+    """``"; vera 256"``: the labels that bring their own default for option ``name``."""
+    labels = [f"{label} {settings[name]:g}" for label, settings in LABEL_DEFAULTS.items() if name in settings]
+    return "; " + ", ".join(labels) if labels else ""
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, single_run: bool = True) -> None:
     """Flags shared by ``train`` and ``ab``; defaults are None so we can tell which were given.
 
@@ -167,12 +173,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, single_run: bool = True) 
     if single_run:
         a("--method", help=f"adapter method, one of {list(METHODS)} (default lora)")
     # (--rank too: under torchrun, "--r" is an ambiguous prefix of its own options and never gets here)
-    a("--r", "--rank", dest="r", type=int, help="adapter rank (default 8)")
+    a("--r", "--rank", dest="r", type=int, help=f"adapter rank (default 8{_label_note('r')})")
     a("--alpha", type=float, help="lora_alpha (default 16)")
     a("--dropout", type=float, help="adapter dropout (default 0.05)")
     a("--target", nargs="+", help="target module names (suffix match), or one regex (default per task)")
     a("--epochs", type=int, help="training epochs (default 5)")
-    a("--lr", type=float, help="adapter learning rate (default 5e-4)")
+    a("--lr", type=float, help=f"adapter learning rate (default 5e-4{_label_note('lr')})")
     a("--baseline-lr", dest="baseline_lr", type=float, help="head-only baseline learning rate (default 5e-3)")
     a("--batch-size", dest="batch_size", type=int, help="global batch size (default 16)")
     a("--max-length", dest="max_length", type=int, help="max tokens per example (default 64)")
