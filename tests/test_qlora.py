@@ -100,3 +100,20 @@ def test_parameter_counts_unpack_4bit(llama64_dir):
     assert q_model.get_nb_trainable_parameters() == f_model.get_nb_trainable_parameters()
     pm = peft.get_peft_model(load_llama64(llama64_dir, "nf4"), peft.LoraConfig(r=8, target_modules=TARGETS))
     assert q_model.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+
+
+def test_a_stock_trainer_trains_a_deltatune_model_on_a_4bit_base(llama64_dir, tmp_path):
+    """transformers' Trainer refuses "purely quantized" models unless they carry adapters (a peft PeftModel or
+    transformers' own adapter flag): a deltatune PeftModel on a 4-bit base must pass that check and train."""
+    from transformers import Trainer, TrainingArguments
+
+    model = dt.prepare_model_for_kbit_training(load_llama64(llama64_dir, "nf4"))
+    model = dt.get_peft_model(model, dt.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]))
+    rows = [{"input_ids": IDS[i], "labels": IDS[i]} for i in range(len(IDS))]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", learning_rate=1e-2, use_cpu=True)
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed and all("lora_" in n for n in changed)
+    assert not getattr(model.base_model.model, "_hf_peft_config_loaded", False)  # (the user's model untouched)

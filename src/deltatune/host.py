@@ -143,4 +143,18 @@ def uses_checkpointing(model: nn.Module) -> bool:
     return False
 
 
-__all__ = ["AdapterHost", "uses_checkpointing"]
+def inputs_require_grad(peft_model: nn.Module) -> None:
+    """Make the base model's embedding outputs require grad (transformers' ``enable_input_require_grads``), so
+    adapters inside checkpointed blocks receive gradients with a frozen embedding layer."""
+    enable = getattr(peft_model.base_model.model, "enable_input_require_grads", None)
+    if callable(enable):
+        enable()
+
+
+def gradient_checkpointing_enable(peft_model: nn.Module, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+    """``PeftModel.gradient_checkpointing_enable``: the base model's, plus :func:`inputs_require_grad`."""
+    peft_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    inputs_require_grad(peft_model)
+
+
+__all__ = ["AdapterHost", "gradient_checkpointing_enable", "inputs_require_grad", "uses_checkpointing"]

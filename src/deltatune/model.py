@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Sequence, Union
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import hub, injection, merging, row_routing, status
+from . import host, hub, injection, merging, row_routing, status
 from .adapter_tensors import activate
 from .config import PeftConfig, TaskType
 from .host import AdapterHost, uses_checkpointing
@@ -38,6 +38,9 @@ class PeftModel(nn.Module):
 
     #: Heads a task wrapper always trains in full (added to ``modules_to_save``).
     default_modules_to_save: tuple[str, ...] = ()
+    #: transformers' ``Trainer`` refuses a quantized model unless it carries adapters: a peft ``PeftModel``,
+    #: or a model with this flag of transformers' own adapter integration.
+    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
@@ -50,7 +53,7 @@ class PeftModel(nn.Module):
         self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage)
         self.set_adapter(adapter_name)
         if uses_checkpointing(model):
-            self._inputs_require_grad()
+            host.inputs_require_grad(self)
 
     def __setstate__(self, state) -> None:
         # (copies and unpickled models: the host's weak reference back to its PeftModel is not copied)
@@ -291,16 +294,7 @@ class PeftModel(nn.Module):
     get_nb_trainable_parameters = status.get_nb_trainable_parameters
     print_trainable_parameters = status.print_trainable_parameters
 
-    def _inputs_require_grad(self) -> None:
-        enable = getattr(self.base_model.model, "enable_input_require_grads", None)
-        if callable(enable):
-            enable()
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
-        """Enable the base model's gradient checkpointing and make its inputs require grad, so
-        adapters inside checkpointed blocks receive gradients with a frozen embedding layer."""
-        self.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        self._inputs_require_grad()
+    gradient_checkpointing_enable = host.gradient_checkpointing_enable
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[Iterable[str]] = None,

@@ -79,12 +79,11 @@ def load_quantized(loader, path: str, kind: str, keep: list[str] | None = None, 
 
 
 def let_trainer_train(model) -> None:
-    """Mark a deltatune model on a quantized base as carrying adapters, for transformers' ``Trainer``.
+    """Let transformers' ``Trainer`` train the head-only baseline on a quantized base.
 
-    The Trainer refuses a quantized model unless it is a *peft* ``PeftModel`` or has transformers' own
-    adapter flag ``_hf_peft_config_loaded``; deltatune's ``PeftModel`` is neither, though it is exactly
-    what that check asks for (trainable adapters over frozen quantized weights). The flag is set on the
-    wrapper the command line built, not on the transformers model inside it, whose ``save_pretrained``
-    reads it."""
-    if getattr(model, "is_quantized", False):
+    The Trainer refuses a quantized model that carries no adapters ("purely quantized"); deltatune's
+    ``PeftModel`` says it carries them, but the baseline trains a float32 head over the frozen quantized
+    weights with none. Its flag ``_hf_peft_config_loaded`` is set on the baseline model the command line
+    built for itself (never saved, never handed back)."""
+    if getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False):
         model._hf_peft_config_loaded = True

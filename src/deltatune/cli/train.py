@@ -170,7 +170,7 @@ def fit(model, o: RunOptions, data: TextData, tokenizer, lr: float, workdir: str
     if o.quantize:
         from .quantize import let_trainer_train
 
-        let_trainer_train(model)
+        let_trainer_train(model)  # (the head-only baseline; a PeftModel passes the Trainer's check as it is)
     trainer = _SeededTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, data_collator=collator,
                       compute_metrics=_accuracy if o.task == "seq-cls" else None)
     hand_over(trainer)  # (a sharded model: no DDP wrap, see cli/distributed.py)
