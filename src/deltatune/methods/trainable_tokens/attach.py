@@ -62,8 +62,9 @@ def attach_token_rows(model: nn.Module, spec: Union[Sequence[int], Mapping[str, 
     for name, layer in layers.items():
         if layer is not model.get_submodule(name):
             set_submodule(model, name, layer)
-        ids = targets.get(name)
+        ids, embedding = targets.get(name), None
         if ids is None:  # a tied head: the rows of the embedding it shares its weight with
-            ids = next(targets[e] for e in targets if layers[e].base_layer.weight is layer.base_layer.weight)
-        add_token_rows(layer, adapter_name, ids, init_weights, autocast_adapter_dtype, device)
+            tie = next(e for e in targets if layers[e].base_layer.weight is layer.base_layer.weight)
+            ids, embedding = targets[tie], layers[tie]
+        add_token_rows(layer, adapter_name, ids, init_weights, autocast_adapter_dtype, device, embedding=embedding)
     return names

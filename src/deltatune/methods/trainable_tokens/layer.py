@@ -11,12 +11,10 @@ subclass with its own ``checkpoint_kind`` (see :func:`deltatune.methods.trainabl
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ... import adapter_state
 from ...adapter_layer import read_weight
@@ -73,6 +71,9 @@ class TrainableTokensLayer(nn.Module):
         self._tied: set[str] = set()  # adapters whose rows another layer (the embedding) owns
         # [the embedding layer] a tied head follows (a list: not a submodule, so not saved or counted twice)
         self._follows: list = []
+        # adapter name -> (token ids, init_weights, autocast_adapter_dtype, device) of a head whose rows wait
+        # for the injection's ``attach`` hook: tied to the embedding sharing its weight, else its own
+        self._pending: dict = {}
         self._embedding = isinstance(base_layer, nn.Embedding)
         if self._embedding:
             self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
@@ -193,27 +194,13 @@ class TrainableTokensLayer(nn.Module):
         return TF.replace_rows(weight, rows.index, rows.trainable_tokens_original)
 
 
-# base weight -> the embedding layer (weakly: the layer holds the weight) that adapters over it were last
-# added to; keyed by identity, since that is what tying is (transformers ties by sharing the Parameter).
-_EMBEDDING_OF_WEIGHT: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def remember(layer: TrainableTokensLayer) -> None:
-    """Record ``layer`` (an embedding's) as the one whose rows heads sharing its weight follow."""
-    _EMBEDDING_OF_WEIGHT[layer.base_layer.weight] = weakref.ref(layer)
-
-
 def embedding_of(layer: TrainableTokensLayer) -> Optional[TrainableTokensLayer]:
-    """The embedding layer a linear head's layer follows: the one it was tied to before (merging gives tied
-    layers copies of their weight, :func:`deltatune.injection.own_base_weights`, so identity alone would
-    forget the tie), else the adapted embedding whose weight its base shares; None for an untied head."""
-    if layer._embedding:
+    """The embedding layer a linear head's layer follows (set when the head was tied to it; kept through
+    merges, which give tied layers copies of their weight, :func:`deltatune.injection.own_base_weights`);
+    None for an embedding, an untied head, or a head not tied yet."""
+    if layer._embedding or not layer._follows:
         return None
-    if layer._follows:
-        return layer._follows[0]
-    ref = _EMBEDDING_OF_WEIGHT.get(layer.base_layer.weight)
-    embedding = ref() if ref is not None else None
-    return embedding if embedding is not None and embedding.base_layer.weight is layer.base_layer.weight else None
+    return layer._follows[0]
 
 
 def _embed_scale(embedding: nn.Module) -> Optional[Tensor]:

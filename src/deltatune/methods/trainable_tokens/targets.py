@@ -6,20 +6,20 @@ Two kinds of functions:
 * model-level (they need the model, so the core calls them through the registry's hooks, see
   ``__init__.py``): :func:`resolve_config` fills the default ``target_modules`` on a copy of the config, and
   :func:`tied_heads` names the heads to wrap beside the targeted embeddings;
-* layer-level: :func:`add_token_rows` adds one adapter's rows to a layer; on a head it finds the embedding
-  layer it follows (:func:`~.layer.embedding_of`) and uses its rows (the embedding comes first
-  in module order).
+* layer-level: :func:`add_token_rows` adds one adapter's rows to a layer; a head tied to an embedding is
+  given that embedding layer (or follows the one it was tied to before, :func:`~.layer.embedding_of`) and
+  uses its rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import nn
 
 from ...injection import iter_modules
-from .layer import TrainableTokensLayer, embedding_of, remember
+from .layer import TrainableTokensLayer, embedding_of
 
 #: peft's fallback when a model has no ``get_input_embeddings``.
 DEFAULT_EMBEDDING_NAME = "embed_tokens"
@@ -76,18 +76,18 @@ def tied_heads(model: nn.Module, names: Sequence[str]) -> list[str]:
 
 
 def add_token_rows(layer: TrainableTokensLayer, adapter_name: str, token_indices: Sequence[int],
-                   init_weights: bool = True, autocast_adapter_dtype: bool = True, device=None) -> None:
-    """Add adapter ``adapter_name`` to ``layer``: its own rows ``token_indices`` on an embedding, or, on a
-    linear head whose weight is an already adapted embedding's, that embedding's rows (tied).
+                   init_weights: bool = True, autocast_adapter_dtype: bool = True, device=None,
+                   embedding: Optional[TrainableTokensLayer] = None) -> None:
+    """Add adapter ``adapter_name`` to ``layer``: its own rows ``token_indices`` on an embedding or an untied
+    head, or, on a linear head tied to ``embedding`` (an adapted embedding layer sharing its weight; default:
+    the one the head followed before), that embedding's rows.
 
     This is the entry point for any method that trains token rows (this one; LoRA's
     ``trainable_token_indices``): call it for the embedding before its tied heads.
     """
-    embedding = embedding_of(layer)
+    embedding = embedding if embedding is not None else embedding_of(layer)
     tied = embedding.adapters[adapter_name] if embedding is not None and adapter_name in embedding.adapters else None
     layer.add_adapter(adapter_name, token_indices, init_weights=init_weights,
                       autocast_adapter_dtype=autocast_adapter_dtype, device=device, tied=tied)
     if tied is not None:
         layer._follows = [embedding]
-    if layer._embedding:
-        remember(layer)
