@@ -251,6 +251,21 @@ def _fresh_dynamo():
         torch._dynamo.reset()
 
 
+_INIT_FUNCTIONS = {name: fn for name, fn in vars(torch.nn.init).items() if callable(fn) and name.endswith("_")}
+
+
+@pytest.fixture(autouse=True)
+def _init_functions_intact(request):
+    """Fail the test that leaves ``torch.nn.init`` patched (and repair it, so later tests do not build models
+    with uninitialised weights): transformers' ``no_init_weights`` swaps those functions process-wide while
+    ``from_pretrained`` runs, and two threads loading at once can leave them swapped for good."""
+    yield
+    swapped = [name for name, fn in _INIT_FUNCTIONS.items() if getattr(torch.nn.init, name) is not fn]
+    for name in swapped:
+        setattr(torch.nn.init, name, _INIT_FUNCTIONS[name])
+    assert not swapped, f"{request.node.nodeid} left torch.nn.init.{swapped[0]} (and {len(swapped) - 1} more) patched"
+
+
 def cli_bert(vocab_size: int):
     """The tiny BERT classifier the command-line tests train (dropout off, seeded)."""
     from transformers import BertConfig, BertForSequenceClassification

@@ -45,13 +45,19 @@ def saved(tmp_path_factory):
     return root, refs
 
 
-def _model(root, with_b: bool = True):
-    """Base and adapters read from files: a model built with random initialisation in two threads at once
-    would not be the reference's (torch's default generator is one per process, the threads' draws mix)."""
+def _base(root):
+    """The base read from its folder. transformers' ``from_pretrained`` is not thread-safe: its
+    ``no_init_weights`` swaps ``torch.nn.init``'s functions for no-ops process-wide, and two calls at once
+    can leave them swapped for good. So bases are loaded before threads start."""
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(root / "base"))
-    model = dt.PeftModel.from_pretrained(base, str(root / "a"), adapter_name="a")
+    return AutoModelForCausalLM.from_pretrained(str(root / "base"))
+
+
+def _model(root, with_b: bool = True, base=None):
+    """Base and adapters read from files: a model built with random initialisation in two threads at once
+    would not be the reference's (torch's default generator is one per process, the threads' draws mix)."""
+    model = dt.PeftModel.from_pretrained(_base(root) if base is None else base, str(root / "a"), adapter_name="a")
     if with_b:
         model.load_adapter(str(root / "b"), "b")
     return model
@@ -93,8 +99,10 @@ def test_threads_with_their_own_models_never_interfere(saved):
     start = threading.Barrier(2)
     worst = {}
 
+    bases = {"ab": _base(root), "ba": _base(root)}
+
     def worker(tag: str, order: tuple):
-        model = _model(root)  # load
+        model = _model(root, base=bases[tag])  # load the adapters
         start.wait()
         diffs = []
         for step in range(30):
