@@ -258,4 +258,4 @@ def test_gguf_converts_once_into_a_checked_transformers_folder(tmp_path, monkeyp
     with open(f"{folder}/model.safetensors", "r+b") as fh:  # a damaged copy no longer passes its checksum
         fh.seek(10_000_000)
         fh.write(b"\x00" * 16)
-    assert not embedded_lm._usable(embedded_lm.Path(folder))
+    assert not embedded_lm.usable(embedded_lm.Path(folder))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from deltatune.cli import main
-from deltatune.cli import vision, vision_onnx
+from deltatune.cli import embedded_lm, vision, vision_onnx
 from deltatune.cli.image_data import (digits_images, folder_items, load_image_data, read_image,
                                       stratified_split)
 from deltatune.cli.options import RunOptions, UsageError
@@ -59,8 +59,8 @@ def test_onnx_backbone_converts_into_a_checked_transformers_folder(converted):
     input; the folder is complete, checksummed and reused."""
     from transformers import Dinov2Model
 
-    marker = json.loads((converted / vision_onnx.MARKER).read_text())
-    assert marker["weights_sha256"] == vision_onnx.sha256_file(converted / vision_onnx.WEIGHTS)
+    marker = json.loads((converted / embedded_lm.MARKER).read_text())
+    assert marker["weights_sha256"] == vision_onnx.sha256_file(converted / embedded_lm.WEIGHTS)
     assert marker["source_sha256"] == vision_onnx.sha256_file(vision_onnx.onnx_path())
     model = Dinov2Model.from_pretrained(str(converted)).eval()
     config = model.config
@@ -81,13 +81,13 @@ def test_onnx_backbone_converts_into_a_checked_transformers_folder(converted):
 def test_a_damaged_conversion_is_converted_again(converted, monkeypatch):
     calls = []
     monkeypatch.setattr(vision_onnx, "convert_onnx", lambda source, dest: calls.append(dest))
-    assert vision_onnx._usable(converted)
-    original = (converted / vision_onnx.MARKER).read_text()
+    assert embedded_lm.usable(converted)
+    original = (converted / embedded_lm.MARKER).read_text()
     try:
-        (converted / vision_onnx.MARKER).write_text(json.dumps({**json.loads(original), "weights_sha256": "0" * 64}))
+        (converted / embedded_lm.MARKER).write_text(json.dumps({**json.loads(original), "weights_sha256": "0" * 64}))
         vision_onnx.dinov2_small_dir()
     finally:
-        (converted / vision_onnx.MARKER).write_text(original)
+        (converted / embedded_lm.MARKER).write_text(original)
     assert calls == [converted]
 
 

