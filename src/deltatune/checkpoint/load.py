@@ -45,13 +45,17 @@ def load_into(model: nn.Module, state_dict: dict[str, Tensor], adapter_name: str
     # Keys are compared in a canonical form without ``.base_layer``: a bias saved as
     # ``x.base_layer.bias`` (its layer had an adapter then) is ``x.bias`` on a plain layer now.
     wanted = {_unwrapped(k): v for k, v in adapter_tensors(model, adapter_name, bias, peft_layout=True).items()}
-    others = {_unwrapped(n): p for n, p in model.named_parameters()}
+    others = None  # the model's other parameters by name: a walk over all of them, made only when needed
     shared_keys, put_shared = _shared_plan(model, state_dict, adapter_name)
     plan, skipped = [], []
     for key, tensor in sorted(state_dict.items()):  # (the first bad key named does not depend on file order)
         if key in shared_keys:
             continue
-        target = wanted.get(_unwrapped(key), others.get(_unwrapped(key)))
+        target = wanted.get(_unwrapped(key))
+        if target is None:
+            if others is None:
+                others = {_unwrapped(n): p for n, p in model.named_parameters()}
+            target = others.get(_unwrapped(key))
         if target is None:
             close = [k for k in wanted if k.rsplit(".", 2)[0] == key.rsplit(".", 2)[0]][:3]
             hint = f"; keys near it in the model: {close}" if close else ""
