@@ -115,34 +115,39 @@ def test_threads_with_their_own_models_never_interfere(saved):
     assert worst["ab"] <= TOL and worst["ba"] <= TOL, worst
 
 
-def _pause_at_second_layer(model, reached: threading.Event, go_on: threading.Event):
-    """A pre-hook on decoder layer 1: the forward stops there until ``go_on`` is set."""
+def _forward_around(model, action):
+    """The logits of a forward in one thread that stops between decoder layers 0 and 1 (a pre-hook on layer
+    1) while another thread runs ``action()``, and resumes once it is done."""
+    reached, done, out = threading.Event(), threading.Event(), {}
+
     def hook(module, args):
         reached.set()
-        assert go_on.wait(60), "the other thread never finished"
-    return model.base_model.model.model.layers[1].register_forward_pre_hook(hook)
+        assert done.wait(60), "the other thread never finished"
+
+    def forward():
+        out["logits"] = _logits(model)
+
+    def act():
+        assert reached.wait(60)
+        action()
+        done.set()
+
+    handle = model.base_model.model.model.layers[1].register_forward_pre_hook(hook)
+    try:
+        _run_threads(forward, act)
+    finally:
+        handle.remove()
+    return out["logits"]
 
 
 def test_loading_an_adapter_during_a_forward_on_a_shared_model(saved):
     root, refs = saved
     model = _model(root, with_b=False)
     model.set_adapter("a")
-    reached, loaded = threading.Event(), threading.Event()
-    handle = _pause_at_second_layer(model, reached, loaded)
-    out = {}
-
-    def forward():
-        out["logits"] = _logits(model)
-
-    def load():
-        assert reached.wait(60)
-        model.load_adapter(str(root / "b"), "b")  # while the forward waits between layer 0 and layer 1
-        loaded.set()
-
-    _run_threads(forward, load)
-    handle.remove()
+    # the load runs while the forward waits between layer 0 and layer 1
+    logits = _forward_around(model, lambda: model.load_adapter(str(root / "b"), "b"))
     assert "b" in model.peft_config and model.active_adapters == ["a"]
-    assert _diff(out["logits"], refs["a"]) <= TOL
+    assert _diff(logits, refs["a"]) <= TOL
     model.set_adapter("b")
     assert _diff(_logits(model), refs["b"]) <= TOL  # b loaded whole
 
@@ -177,18 +182,5 @@ def test_set_adapter_during_a_forward_mixes_adapters(saved):
     root, refs = saved
     model = _model(root)
     model.set_adapter("a")
-    reached, switched = threading.Event(), threading.Event()
-    handle = _pause_at_second_layer(model, reached, switched)
-    out = {}
-
-    def forward():
-        out["logits"] = _logits(model)
-
-    def switch():
-        assert reached.wait(60)
-        model.set_adapter("b")
-        switched.set()
-
-    _run_threads(forward, switch)
-    handle.remove()
-    assert _diff(out["logits"], refs["a"]) > 1e-3 and _diff(out["logits"], refs["b"]) > 1e-3
+    logits = _forward_around(model, lambda: model.set_adapter("b"))
+    assert _diff(logits, refs["a"]) > 1e-3 and _diff(logits, refs["b"]) > 1e-3

@@ -68,7 +68,6 @@ def plot(path: str, results: list, task: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     metric = "eval_accuracy" if task == "seq-cls" else "eval_perplexity"
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -78,7 +77,16 @@ def plot(path: str, results: list, task: str) -> None:
         right.plot(epochs, [row.get(metric) for row in result.history], marker="o", label=result.name)
     left.set(title="training loss", xlabel="epoch", ylabel="loss")
     right.set(title=metric.replace("eval_", "held-out "), xlabel="epoch", ylabel=metric.replace("eval_", ""))
-    for ax in (left, right):
+    save_per_epoch_figure(fig, (left, right), path)
+
+
+def save_per_epoch_figure(fig, axes, path: str) -> None:
+    """Whole epochs on the x axes, a light grid and a legend on each of ``axes``; ``fig`` written to ``path``
+    and closed."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()

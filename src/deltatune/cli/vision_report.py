@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .report import file_bytes, human_bytes, model_weight_bytes
+from .report import file_bytes, human_bytes, model_weight_bytes, save_per_epoch_figure
 
 
 def _entry(result) -> Optional[dict]:
@@ -70,7 +70,6 @@ def image_plot(path: str, probe, result) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [row["epoch"] for row in result.history]
@@ -84,10 +83,4 @@ def image_plot(path: str, probe, result) -> None:
                       label=f"linear probe ({final['epoch']} epochs on cached features)")
     left.set(title="loss", xlabel="epoch", ylabel="cross-entropy")
     right.set(title="held-out accuracy", xlabel="epoch", ylabel="accuracy")
-    for ax in (left, right):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_per_epoch_figure(fig, (left, right), path)
