@@ -330,31 +330,39 @@ def bench_embeddings(args, work: str) -> list[dict]:
     for label, flags, alias in (("batched (defaults)", adapters, None),
                                 ("one at a time (--max-batch-size 1)", adapters + ["--max-batch-size", "1"], None),
                                 ("merged e0, alone (--model)", ["--model", merged], "e0")):
-        server = Server(flags, os.path.join(work, f"server_enc_{len(rows)}.log"))
-        try:
-            served = (lambda m: os.path.basename(merged)) if alias else (lambda m: m)
-            run_jobs = [(alias or m, i) for m, i in jobs]
+        served = (lambda m: os.path.basename(merged)) if alias else (lambda m: m)
+        run_jobs = [(alias or m, i) for m, i in jobs]
 
-            def check(job, emb):
-                got = torch.tensor(emb)
-                return got.shape == want[job[0]][job[1]].shape and \
-                    (got - want[job[0]][job[1]]).abs().max().item() <= 1e-4
+        def check(job, emb):
+            got = torch.tensor(emb)
+            return got.shape == want[job[0]][job[1]].shape and \
+                (got - want[job[0]][job[1]]).abs().max().item() <= 1e-4
 
-            def send_as(client, job, send=send):  # the merged model is asked for under its served name
-                out = send(client, (served(job[0]), job[1]))
-                return (job,) + out[1:]
+        def send_as(client, job, send=send, served=served):  # the merged model is asked for under its served name
+            out = send(client, (served(job[0]), job[1]))
+            return (job,) + out[1:]
 
-            # Warm-up (not counted): every model once with every text, from all clients at once (this also
-            # runs the dispatcher's one-time mixed-adapter probe).
-            hammer(server.url, [(m, i) for m in dict.fromkeys(x for x, _ in run_jobs) for i in range(len(TEXTS))],
-                   args.embed_clients, send_as)
-            results, seconds = hammer(server.url, run_jobs, args.embed_clients, send_as)
-            rows.append(summarize(label, results, seconds, check) | {"workload": "a"})
-        finally:
-            code = server.stop()
-        if code != 0:
-            print(f"  note: the server exited with {code} after SIGTERM", flush=True)
+        # Warm-up: every model once with every text (this also runs the dispatcher's mixed-adapter probe).
+        warm = [(m, i) for m in dict.fromkeys(x for x, _ in run_jobs) for i in range(len(TEXTS))]
+        rows.append(measure(flags, os.path.join(work, f"server_enc_{len(rows)}.log"), label, "a", warm, run_jobs,
+                            args.embed_clients, send_as, check))
     return rows
+
+
+def measure(flags: list, log: str, label: str, workload: str, warm: list, jobs: list, clients: int, send,
+            check) -> dict:
+    """Start a server with ``flags``, send it the ``warm`` requests (not counted), then time ``jobs`` from
+    ``clients`` concurrent clients; the summary row of the timed ones (the server is stopped either way)."""
+    server = Server(flags, log)
+    try:
+        hammer(server.url, warm, clients, send)
+        results, seconds = hammer(server.url, jobs, clients, send)
+        row = summarize(label, results, seconds, check) | {"workload": workload}
+    finally:
+        code = server.stop()
+    if code != 0:
+        print(f"  note: the server exited with {code} after SIGTERM", flush=True)
+    return row
 
 
 def bench_generation(args, work: str) -> list[dict]:
@@ -378,32 +386,26 @@ def bench_generation(args, work: str) -> list[dict]:
     for label, flags, alias in (("batched (defaults)", adapters, None),
                                 ("one at a time (--max-batch-size 1)", adapters + ["--max-batch-size", "1"], None),
                                 ("merged g0, alone (--model)", ["--model", merged], "g0")):
-        server = Server(flags, os.path.join(work, f"server_lm_{len(rows)}.log"))
         served_name = os.path.basename(merged) if alias else None
-        try:
-            @_timed
-            def send(client, job):
-                model, i = job
-                r = client.post("/v1/completions", json={"model": served_name or model, "prompt": PROMPTS[i],
-                                                         "max_tokens": args.max_tokens, "temperature": 0})
-                if r.status_code != 200:
-                    return r.status_code, r.text, 0
-                body = r.json()
-                return 200, (body["choices"][0]["text"], body["usage"]["completion_tokens"]), \
-                    int(r.headers.get(BATCH_HEADER, 0))
 
-            def check(job, got):
-                return tuple(got) == want[job[0]][job[1]]
+        @_timed
+        def send(client, job, served_name=served_name):
+            model, i = job
+            r = client.post("/v1/completions", json={"model": served_name or model, "prompt": PROMPTS[i],
+                                                     "max_tokens": args.max_tokens, "temperature": 0})
+            if r.status_code != 200:
+                return r.status_code, r.text, 0
+            body = r.json()
+            return 200, (body["choices"][0]["text"], body["usage"]["completion_tokens"]), \
+                int(r.headers.get(BATCH_HEADER, 0))
 
-            run_jobs = [(alias or m, i) for m, i in jobs]
-            hammer(server.url, [(m, i) for m in dict.fromkeys(x for x, _ in run_jobs) for i in range(4)],
-                   args.gen_clients, send)
-            results, seconds = hammer(server.url, run_jobs, args.gen_clients, send)
-            rows.append(summarize(label, results, seconds, check) | {"workload": "b"})
-        finally:
-            code = server.stop()
-        if code != 0:
-            print(f"  note: the server exited with {code} after SIGTERM", flush=True)
+        def check(job, got):
+            return tuple(got) == want[job[0]][job[1]]
+
+        run_jobs = [(alias or m, i) for m, i in jobs]
+        warm = [(m, i) for m in dict.fromkeys(x for x, _ in run_jobs) for i in range(4)]
+        rows.append(measure(flags, os.path.join(work, f"server_lm_{len(rows)}.log"), label, "b", warm, run_jobs,
+                            args.gen_clients, send, check))
     return rows
 
 
